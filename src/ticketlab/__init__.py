@@ -1,0 +1,80 @@
+"""ticketlab: a PyTorch laboratory for sparse neural networks.
+
+The Python API mirrors the command line::
+
+    import ticketlab as tl
+    data = tl.data.load("fashion_mnist")
+    model = tl.models.build("lenet_300_100", data.input_shape, data.num_classes)
+    init = tl.snapshot(model)
+    mask = tl.Mask.dense(model)
+    spec = tl.TrainSpec(steps="1ep", optimizer="adam", lr=1.2e-3, batch_size=60)
+    for level in range(3):
+        tl.train(model, data, spec, mask=mask)
+        mask = tl.prune(model, mask, fraction=0.2)
+        tl.rewind(model, init, mask)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from torch import nn
+
+from . import data, models
+from .data import Dataset, from_tensors
+from .errors import DataError, RunInterrupted, UsageError
+from .masks import Mask, model_density, prunable_weights
+from .methods.lottery import Experiment, lottery
+from .protocols import random_mask, random_reinit, reshuffle, rewind, signed_constant, snapshot
+from .pruning import layer_fractions
+from .pruning import prune as prune_mask
+from .spec import Spec
+from .train import evaluate, train
+
+# One spec class holds every knob; the name says what it is used for.
+TrainSpec = Spec
+LotterySpec = Spec
+
+
+def prune(
+    model: nn.Module,
+    mask: Mask,
+    fraction: float = 0.2,
+    criterion: str = "magnitude",
+    scope: str = "layerwise",
+    conv_fraction: float | None = None,
+    output_fraction: float | None = None,
+    dense: tuple[str, ...] = (),
+    generator=None,
+) -> Mask:
+    """Remove ``fraction`` of the remaining weights (per layer, or globally) by ``criterion``."""
+    fractions = layer_fractions(model, mask, fraction, conv_fraction, output_fraction, dense)
+    return prune_mask(model, mask, fractions, scope=scope, criterion=criterion, generator=generator)
+
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Experiment",
+    "LotterySpec",
+    "Mask",
+    "RunInterrupted",
+    "Spec",
+    "TrainSpec",
+    "UsageError",
+    "data",
+    "evaluate",
+    "from_tensors",
+    "lottery",
+    "model_density",
+    "models",
+    "prunable_weights",
+    "prune",
+    "random_mask",
+    "random_reinit",
+    "reshuffle",
+    "rewind",
+    "signed_constant",
+    "snapshot",
+    "train",
+]

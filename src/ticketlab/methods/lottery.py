@@ -1,0 +1,296 @@
+"""Iterative magnitude pruning with rewinding, and the dense baseline.
+
+Per replicate: level 0 trains the dense network for T steps and saves its
+weights at the rewind step k once. Level L prunes the previous level's trained
+ticket, then trains the surviving weights according to the protocol:
+
+- ``rewind``: the weights at step k of the dense run, trained on [k, T) with
+  the LR schedule fast-forwarded and the data order continued from k;
+- ``finetune``: the previous level's final weights, trained t steps at the
+  final LR of the original schedule;
+- ``lr-rewind``: the previous level's final weights, trained on [T - t, T) with
+  the schedule replayed.
+
+Controls use the same mask and train like a rewound ticket on [k, T).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..data import Dataset
+from ..data import load as load_data
+from ..errors import DataError, UsageError
+from ..masks import Mask, model_density
+from ..models import build, initialize
+from ..protocols import random_mask, random_reinit, reshuffle, rewind, signed_constant, snapshot
+from ..pruning import layer_fractions, prune
+from ..runs import (
+    RESULT_COLUMNS,
+    RunLock,
+    atomic_path,
+    open_run,
+    read_json,
+    write_csv,
+    write_json,
+)
+from ..spec import Resolved, Spec, derive_seed, identity, resolve, resolved_dict, spec_hash
+from ..train import lr_at, steps_per_epoch, train
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise DataError(f"weights file {path} is corrupt: {exc}") from None
+
+
+class Experiment:
+    """A lottery (or dense ``train``) experiment bound to its run directory."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        data: Dataset | None = None,
+        model_fn: Callable[[int], nn.Module] | None = None,
+        model_id: str | None = None,
+    ):
+        self.spec = spec
+        self.data = data if data is not None else load_data(
+            spec.dataset,
+            data_dir=spec.data_dir,
+            val_size=spec.val_size,
+            split_seed=spec.seed,
+            augment=spec.augment,
+        )
+        shape, classes = self.data.input_shape, self.data.num_classes
+        if model_fn is None:
+            def model_fn(seed: int) -> nn.Module:
+                return build(spec.model, shape, classes, spec.width, spec.init, seed)
+        self.model_fn = model_fn
+        self.spe = steps_per_epoch(self.data, spec.batch_size)
+        self.res: Resolved = resolve(spec, self.spe)
+        self.identity = identity(spec, self.spe)
+        if model_id is not None:
+            self.identity["model"] = model_id
+        if data is not None:
+            self.identity["dataset"] = f"{data.name}:{len(data.y_train)}"
+        self.hash = spec_hash(self.identity)
+        # Build once now, so bad layer names fail before anything is written.
+        probe = self.model_fn(0)
+        self.fractions = layer_fractions(
+            probe,
+            Mask.dense(probe),
+            spec.prune_fraction,
+            spec.conv_prune_fraction,
+            spec.output_prune_fraction,
+            spec.dense_layers,
+        )
+        self.dir = open_run(spec.runs_dir, spec.method, self.hash, self.identity)
+
+    # seeds ------------------------------------------------------------------
+    def seed(self, replicate: int, purpose: str) -> int:
+        given = {
+            "init": self.spec.init_seed,
+            "data": self.spec.data_seed,
+            "aug": self.spec.aug_seed,
+        }.get(purpose)
+        if given is not None and replicate == 0:
+            return given
+        base = self.spec.seed if given is None else given
+        return derive_seed(base, replicate, purpose)
+
+    # the run ----------------------------------------------------------------
+    def run(self, progress=None) -> list[dict]:
+        spec = self.spec
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.dir):
+            write_json(
+                self.dir / "spec.json",
+                {
+                    "identity": self.identity,
+                    "hash": self.hash,
+                    "spec": resolved_dict(spec, self.spe),
+                    "steps_per_epoch": self.spe,
+                    "version": __version__,
+                },
+            )
+            levels = 0 if spec.method == "train" else spec.levels
+            for r in range(spec.replicates):
+                self._replicate(r, levels, progress)
+        return collect_results(self.dir)
+
+    def _phase(self, level: int) -> tuple[int, int, float | None]:
+        """Steps [start, end) and a fixed LR, for a ticket at ``level``."""
+        res, spec = self.res, self.spec
+        if level == 0:
+            return 0, res.steps, None
+        if spec.protocol == "rewind":
+            return res.rewind, res.steps, None
+        if spec.protocol == "lr-rewind":
+            return res.steps - res.retrain_steps, res.steps, None
+        final_lr = lr_at(res.steps - 1, spec, res)
+        return res.steps, res.steps + res.retrain_steps, final_lr
+
+    def _replicate(self, r: int, levels: int, progress) -> None:
+        spec, res = self.spec, self.res
+        rdir = self.dir / f"replicate-{r}"
+        model = self.model_fn(self.seed(r, "init"))
+        init_state = snapshot(model)
+        rewind_path = rdir / "rewind.safetensors"
+        variant0 = "dense" if spec.method == "train" else "ticket"
+
+        def save_rewind(step: int, m: nn.Module) -> None:
+            if not rewind_path.exists():
+                save_state(rewind_path, snapshot(m))
+
+        self._variant(
+            model, rdir / "level-0" / variant0, r, 0, variant0,
+            start_state=init_state, mask=Mask.dense(model), phase=(0, res.steps, None),
+            snapshot_steps={res.rewind}, on_snapshot=save_rewind, progress=progress,
+        )
+        if levels == 0:
+            return
+        rewind_state = load_state(rewind_path)
+        for level in range(1, levels + 1):
+            ldir = rdir / f"level-{level}"
+            prev = rdir / f"level-{level - 1}" / "ticket"
+            mask_path = ldir / "mask.safetensors"
+            if mask_path.exists():
+                mask = Mask.load(mask_path)
+            else:
+                rewind(model, load_state(prev / "weights_end.safetensors"))
+                gen = torch.Generator().manual_seed(self.seed(r, f"prune/{level}"))
+                mask = prune(
+                    model, Mask.load(prev / "mask.safetensors"), self.fractions,
+                    scope=spec.scope, criterion=spec.criterion, generator=gen,
+                )
+                mask.save(mask_path)
+            if spec.protocol == "rewind":
+                start = rewind_state
+            else:
+                start = load_state(prev / "weights_end.safetensors")
+            self._variant(model, ldir / "ticket", r, level, "ticket", start, mask,
+                          self._phase(level), progress=progress)
+            rewind_phase = (res.rewind, res.steps, None)
+            for control in spec.controls:
+                cseed = self.seed(r, f"{control}/{level}")
+                cmask, cstart = mask, rewind_state
+                if control == "reinit":
+                    cstart = random_reinit(model, spec.init, cseed)
+                elif control == "reshuffle":
+                    cstart = reshuffle(rewind_state, mask, cseed)
+                elif control == "signed-constant":
+                    cstart = signed_constant(rewind_state, mask, spec.init)
+                elif control == "random-mask":
+                    cmask = random_mask(mask, cseed)
+                self._variant(model, ldir / control, r, level, control, cstart, cmask,
+                              rewind_phase, progress=progress)
+
+    def _variant(
+        self, model, vdir: Path, r: int, level: int, variant: str, start_state, mask: Mask,
+        phase, snapshot_steps=(), on_snapshot=None, progress=None,
+    ) -> None:
+        if (vdir / "result.json").exists():
+            return
+        vdir.mkdir(parents=True, exist_ok=True)
+        mask_path = vdir / "mask.safetensors"
+        if mask_path.exists():
+            mask = Mask.load(mask_path)
+        else:
+            mask.save(mask_path)
+        rewind(model, start_state, mask)
+        if not (vdir / "weights_start.safetensors").exists():
+            save_state(vdir / "weights_start.safetensors", snapshot(model))
+        begin, end, lr = phase
+        metrics = train(
+            model, self.data, self.spec, mask, start=begin, end=end, lr_override=lr,
+            data_seed=self.seed(r, "data"), aug_seed=self.seed(r, "aug"), workdir=vdir,
+            snapshot_steps=snapshot_steps, on_snapshot=on_snapshot, progress=progress,
+            label=f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)",
+        )
+        save_state(vdir / "weights_end.safetensors", snapshot(model))
+        row = {
+            "method": self.spec.method,
+            "replicate": r,
+            "level": level,
+            "variant": variant,
+            "density": mask.density(),
+            "density_all": model_density(model),
+            **metrics,
+            "status": "done",
+        }
+        write_json(vdir / "result.json", row)
+        (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
+        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+
+def collect_results(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in Path(run_dir).glob("replicate-*/level-*/*/result.json"):
+        rows.append(read_json(path))
+    order = {"dense": -1, "ticket": 0}
+    rows.sort(key=lambda r: (r["replicate"], r["level"], order.get(r["variant"], 1), r["variant"]))
+    return rows
+
+
+def lottery(model: nn.Module, data: Dataset, spec: Spec, progress=None) -> list[dict]:
+    """IMP on a user's own module; replicates after the first re-initialise it with ``spec.init``."""
+    base = copy.deepcopy(model)
+    n_params = sum(p.numel() for p in base.parameters())
+
+    def model_fn(seed: int) -> nn.Module:
+        m = copy.deepcopy(base)
+        if seed != _first_seed:
+            initialize(m, spec.init, torch.Generator().manual_seed(seed))
+        return m
+
+    exp = Experiment(
+        spec, data=data, model_fn=lambda s: model_fn(s),
+        model_id=f"custom:{type(model).__name__}:{n_params}",
+    )
+    _first_seed = exp.seed(0, "init")
+    return exp.run(progress)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std over replicates for each (level, variant)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((int(r["level"]), r["variant"]), []).append(r)
+    out = []
+    for (level, variant), rs in sorted(groups.items()):
+        acc = [float(r["test_accuracy"]) for r in rs]
+        mean = sum(acc) / len(acc)
+        std = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
+        out.append({
+            "level": level,
+            "variant": variant,
+            "density": float(rs[0]["density"]),
+            "n": len(rs),
+            "test_accuracy": mean,
+            "test_accuracy_std": std,
+            "best_val_step": sum(float(r["best_val_step"]) for r in rs) / len(rs),
+        })
+    return out
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2)
+
+
+__all__ = ["Experiment", "collect_results", "lottery", "summarize", "UsageError"]

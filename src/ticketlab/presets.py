@@ -1,0 +1,88 @@
+"""Named presets: paper setups and a tiny ``quick`` one. Any flag overrides them."""
+
+from __future__ import annotations
+
+from .errors import UsageError
+
+PRESETS: dict[str, dict] = {
+    "quick": {
+        "_about": "tiny LeNet-300-100 lottery run on Fashion-MNIST for demos and tests",
+        "model": "lenet_300_100",
+        "dataset": "fashion_mnist",
+        "init": "xavier_normal",
+        "optimizer": "adam",
+        "lr": 1.2e-3,
+        "batch_size": 60,
+        "steps": "400it",
+        "eval_every": "100it",
+        "prune_fraction": 0.2,
+        "output_prune_fraction": 0.1,
+        "scope": "layerwise",
+        "levels": 4,
+    },
+    "lenet_fashion": {
+        "_about": "LeNet-300-100 of the lottery ticket paper (Frankle & Carbin 2019), "
+        "on Fashion-MNIST",
+        "model": "lenet_300_100",
+        "dataset": "fashion_mnist",
+        "init": "xavier_normal",
+        "optimizer": "adam",
+        "lr": 1.2e-3,
+        "batch_size": 60,
+        "steps": "50000it",
+        "eval_every": "100it",
+        "prune_fraction": 0.2,
+        "output_prune_fraction": 0.1,
+        "scope": "layerwise",
+        "levels": 20,
+    },
+    "conv2_cifar": {
+        "_about": "Conv-2 of the lottery ticket paper on CIFAR-10: conv 10%, fc 20%, output 10%",
+        "model": "conv2",
+        "dataset": "cifar10",
+        "augment": False,
+        "init": "xavier_normal",
+        "optimizer": "adam",
+        "lr": 2e-4,
+        "batch_size": 60,
+        "steps": "20000it",
+        "eval_every": "100it",
+        "prune_fraction": 0.2,
+        "conv_prune_fraction": 0.1,
+        "output_prune_fraction": 0.1,
+        "scope": "layerwise",
+        "levels": 20,
+    },
+    "resnet20_cifar": {
+        "_about": "ResNet-20 on CIFAR-10 with the OpenLTH defaults: SGD 0.1, 160 epochs, "
+        "global 20%, output layer dense, crop+flip augmentation",
+        "model": "resnet20",
+        "dataset": "cifar10",
+        "augment": True,
+        "init": "kaiming_normal",
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "batch_size": 128,
+        "steps": "160ep",
+        "schedule": "step",
+        "milestones": ("80ep", "120ep"),
+        "gamma": 0.1,
+        "eval_every": "1ep",
+        "prune_fraction": 0.2,
+        "scope": "global",
+        "dense_layers": ("output",),
+        "levels": 20,
+    },
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset '{name}'; choose from: {', '.join(PRESETS)}")
+    return {k: v for k, v in PRESETS[name].items() if not k.startswith("_")}
+
+
+def describe_presets() -> list[dict]:
+    return [{"name": n, "about": p["_about"], **preset(n)} for n, p in PRESETS.items()]

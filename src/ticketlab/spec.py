@@ -1,0 +1,290 @@
+"""Experiment knobs as one frozen dataclass, their validation, and the run hash.
+
+A spec holds every knob of an experiment. The run's identity is a hash of the
+*resolved* spec (step strings turned into iterations) with fields at their
+defaults left out, so adding a knob later keeps old run directories valid.
+Counts that only extend a run (levels, replicates, controls) are not hashed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, fields
+
+from .errors import UsageError
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+SCOPES = ("layerwise", "global")
+PROTOCOLS = ("rewind", "finetune", "lr-rewind")
+CONTROLS = ("reinit", "reshuffle", "signed-constant", "random-mask")
+CRITERIA = ("magnitude", "random")
+
+# Fields that never change a run's meaning: where things are, how much to print,
+# and counts that only extend a run.
+NOT_HASHED = frozenset(
+    {"levels", "replicates", "controls", "data_dir", "runs_dir", "quiet", "eval_batch_size"}
+)
+STEP_FIELDS = ("steps", "warmup", "eval_every", "rewind", "retrain_steps")
+
+_STEP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(it|ep)\s*$")
+
+
+def parse_steps(value: str | int, steps_per_epoch: int | None = None, name: str = "steps") -> int:
+    """Turn a budget like ``"2000it"`` or ``"3ep"`` into iterations.
+
+    A bare integer is read as iterations. Epochs need ``steps_per_epoch``.
+    """
+    if isinstance(value, bool):
+        raise UsageError(f"{name}: {value!r} is not a step string like '2000it' or '3ep'")
+    if isinstance(value, int):
+        if value < 0:
+            raise UsageError(f"{name}: {value} is negative")
+        return value
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    m = _STEP_RE.match(text)
+    if not m:
+        raise UsageError(f"{name}: {value!r} is not a step string like '2000it' or '3ep'")
+    amount, unit = float(m.group(1)), m.group(2)
+    if unit == "it":
+        if amount != int(amount):
+            raise UsageError(f"{name}: {value!r} has a fractional number of iterations")
+        return int(amount)
+    if steps_per_epoch is None:
+        raise UsageError(f"{name}: {value!r} is in epochs but the epoch length is unknown")
+    return int(round(amount * steps_per_epoch))
+
+
+def check_step_string(value, name: str) -> None:
+    if value is None:
+        return
+    parse_steps(value, steps_per_epoch=1, name=name)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Every knob of a training or lottery experiment.
+
+    Budgets are step strings (``"50000it"``, ``"40ep"``); ``steps`` is the budget
+    of each training phase, so of each lottery level.
+    """
+
+    method: str = "lottery"
+    # data
+    dataset: str = "fashion_mnist"
+    val_size: int | None = None  # None: the dataset's default
+    augment: bool | None = None  # None: the dataset's default (on for CIFAR-10)
+    data_dir: str | None = None
+    # model
+    model: str = "lenet_300_100"
+    width: float = 1.0
+    init: str = "kaiming_normal"
+    # training
+    steps: str = "1ep"
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    milestones: tuple[str, ...] = ()
+    gamma: float = 0.1
+    warmup: str = "0it"
+    eval_every: str = "1ep"
+    eval_batch_size: int = 1000
+    # seeds: each derived from `seed` (and the replicate) unless given
+    seed: int = 0
+    init_seed: int | None = None
+    data_seed: int | None = None
+    aug_seed: int | None = None
+    # pruning
+    criterion: str = "magnitude"
+    prune_fraction: float = 0.2
+    conv_prune_fraction: float | None = None  # None: same as prune_fraction
+    output_prune_fraction: float | None = None  # None: same as the layer's kind
+    scope: str = "layerwise"
+    dense_layers: tuple[str, ...] = ()
+    # protocol for the surviving weights (Renda et al. 2020)
+    protocol: str = "rewind"
+    rewind: str = "0it"
+    retrain_steps: str | None = None  # None: T - k
+    # extent (not hashed: asking for more extends the run)
+    levels: int = 3
+    replicates: int = 1
+    controls: tuple[str, ...] = ()
+    runs_dir: str = "runs"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        from .models import canonical_init
+
+        # aliases (glorot_normal) must not change the run's hash
+        object.__setattr__(self, "init", canonical_init(self.init))
+        for name in ("milestones", "dense_layers", "controls"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        validate(self)
+
+    def replace(self, **changes) -> Spec:
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {name} '{value}'; choose from: {', '.join(choices)}")
+
+
+def _fraction(name: str, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise UsageError(f"{name} must be a fraction in (0, 1); got {value}")
+
+
+def validate(spec: Spec) -> None:
+    """Check what can be checked without the data or the model."""
+    _choice("optimizer", spec.optimizer, OPTIMIZERS)
+    _choice("schedule", spec.schedule, SCHEDULES)
+    _choice("scope", spec.scope, SCOPES)
+    _choice("protocol", spec.protocol, PROTOCOLS)
+    _choice("criterion", spec.criterion, CRITERIA)
+    for c in spec.controls:
+        _choice("control", c, CONTROLS)
+    _fraction("prune fraction", spec.prune_fraction)
+    _fraction("conv prune fraction", spec.conv_prune_fraction)
+    _fraction("output prune fraction", spec.output_prune_fraction)
+    for name in STEP_FIELDS:
+        check_step_string(getattr(spec, name), name.replace("_", "-"))
+    for m in spec.milestones:
+        check_step_string(m, "milestone")
+    if parse_steps(spec.steps, 1) <= 0:
+        raise UsageError("steps must be positive")
+    if spec.batch_size <= 0:
+        raise UsageError(f"batch size must be positive; got {spec.batch_size}")
+    if spec.lr <= 0:
+        raise UsageError(f"learning rate must be positive; got {spec.lr}")
+    if spec.width <= 0:
+        raise UsageError(f"width must be positive; got {spec.width}")
+    if not 0.0 <= spec.momentum < 1.0:
+        raise UsageError(f"momentum must be in [0, 1); got {spec.momentum}")
+    if spec.weight_decay < 0:
+        raise UsageError(f"weight decay must be >= 0; got {spec.weight_decay}")
+    if spec.levels < 0:
+        raise UsageError(f"levels must be >= 0; got {spec.levels}")
+    if spec.replicates < 1:
+        raise UsageError(f"replicates must be >= 1; got {spec.replicates}")
+    if spec.nesterov and spec.optimizer != "sgd":
+        raise UsageError("nesterov needs --optimizer sgd")
+
+
+def spec_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(Spec)}
+
+
+def coerce(name: str, text: str):
+    """Parse a ``--set key=value`` string into the type of the field ``name``."""
+    known = spec_fields()
+    if name not in known:
+        raise UsageError(f"unknown setting '{name}'; choose from: {', '.join(sorted(known))}")
+    default = known[name].default
+    annotation = str(known[name].type)
+    if text.lower() in ("none", "null") and "None" in annotation:
+        return None
+    try:
+        if "tuple" in annotation:
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        if "bool" in annotation:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if "float" in annotation:
+            return float(text)
+        if "int" in annotation and "str" not in annotation:
+            return int(text)
+    except ValueError:
+        raise UsageError(f"setting '{name}': cannot read {text!r} as {annotation}") from None
+    del default
+    return text
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Values that need the dataset: iterations for every step string."""
+
+    steps_per_epoch: int
+    steps: int
+    warmup: int
+    eval_every: int
+    rewind: int
+    retrain_steps: int
+    milestones: tuple[int, ...] = field(default_factory=tuple)
+
+
+def resolve(spec: Spec, steps_per_epoch: int) -> Resolved:
+    spe = steps_per_epoch
+    steps = parse_steps(spec.steps, spe, "steps")
+    rewind = parse_steps(spec.rewind, spe, "rewind")
+    if rewind >= steps:
+        raise UsageError(f"rewind point {rewind} must be before the end of training ({steps})")
+    retrain = steps - rewind if spec.retrain_steps is None else parse_steps(spec.retrain_steps, spe)
+    if not 0 < retrain <= steps:
+        raise UsageError(f"retrain-steps must be in (0, {steps}]; got {retrain}")
+    eval_every = parse_steps(spec.eval_every, spe, "eval-every")
+    if eval_every <= 0:
+        raise UsageError("eval-every must be positive")
+    return Resolved(
+        steps_per_epoch=spe,
+        steps=steps,
+        warmup=parse_steps(spec.warmup, spe, "warmup"),
+        eval_every=eval_every,
+        rewind=rewind,
+        retrain_steps=retrain,
+        milestones=tuple(parse_steps(m, spe, "milestone") for m in spec.milestones),
+    )
+
+
+def resolved_dict(spec: Spec, steps_per_epoch: int) -> dict:
+    """All fields, with step strings replaced by iterations."""
+    d = dataclasses.asdict(spec)
+    r = resolve(spec, steps_per_epoch)
+    for name in ("steps", "warmup", "eval_every", "rewind"):
+        d[name] = getattr(r, name)
+    d["retrain_steps"] = r.retrain_steps
+    d["milestones"] = list(r.milestones)
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    return d
+
+
+def identity(spec: Spec, steps_per_epoch: int) -> dict:
+    """The hashed part: resolved fields that differ from the resolved defaults."""
+    mine = resolved_dict(spec, steps_per_epoch)
+    base = resolved_dict(
+        Spec(method=spec.method, dataset=spec.dataset, model=spec.model), steps_per_epoch
+    )
+    out = {"method": spec.method, "dataset": spec.dataset, "model": spec.model}
+    for k, v in mine.items():
+        if k in NOT_HASHED:
+            continue
+        if v != base[k]:
+            out[k] = v
+    return out
+
+
+def spec_hash(ident: dict) -> str:
+    text = json.dumps(ident, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def derive_seed(seed: int, replicate: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose (init, data order, augmentation, a control)."""
+    digest = hashlib.sha256(f"{seed}/{replicate}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,315 @@
+"""The one training loop: steps, LR schedule, evaluation, checkpoints, resume.
+
+It knows no method. A phase trains steps ``[start, end)`` of the original
+schedule: the step index sets the learning rate and picks the batch, so weight
+rewinding to step k trains ``[k, T)`` with the schedule fast-forwarded and the
+data order continued, and LR rewinding trains ``[T - t, T)``.
+
+The hot loop is plain PyTorch: batches are drawn by index from in-memory
+tensors, the mask is kept by one fused multiply after the optimizer step, and
+nothing syncs with ``.item()`` between evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import BatchSampler, Dataset
+from .errors import DataError, RunInterrupted, UsageError
+from .masks import Mask, MaskKeeper
+from .runs import atomic_path
+from .spec import Resolved, Spec, resolve
+
+# Set by the signal handler; read once per step.
+_stop_requested = False
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGINT/SIGTERM into a checkpoint and :class:`RunInterrupted`.
+
+    A second signal while the checkpoint is written interrupts at once.
+    """
+    global _stop_requested
+    _stop_requested = False
+    previous = {}
+
+    def handler(signum, frame):
+        global _stop_requested
+        if _stop_requested:
+            raise KeyboardInterrupt
+        _stop_requested = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        _stop_requested = False
+
+
+def steps_per_epoch(data: Dataset, batch_size: int) -> int:
+    n = len(data.y_train)
+    if batch_size > n:
+        raise UsageError(f"batch size {batch_size} exceeds the {n} training examples")
+    return n // batch_size
+
+
+def lr_at(step: int, spec: Spec, res: Resolved) -> float:
+    """The learning rate of the original schedule at ``step``."""
+    lr = spec.lr
+    if spec.schedule == "step":
+        lr *= spec.gamma ** sum(1 for m in res.milestones if step >= m)
+    elif spec.schedule == "cosine":
+        span = max(res.steps - res.warmup, 1)
+        t = min(max(step - res.warmup, 0), span)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * t / span))
+    if res.warmup and step < res.warmup:
+        lr *= (step + 1) / res.warmup
+    return lr
+
+
+def make_optimizer(model: nn.Module, spec: Spec) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            nesterov=spec.nesterov,
+            weight_decay=spec.weight_decay,
+        )
+    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
+    """Mean loss and accuracy; (nan, nan) on an empty split."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, len(y), batch_size):
+        out = model(x[i : i + batch_size])
+        yy = y[i : i + batch_size]
+        loss += F.cross_entropy(out, yy, reduction="sum").double()
+        correct += (out.argmax(1) == yy).sum()
+    model.train(was_training)
+    return float(loss) / len(y), int(correct) / len(y)
+
+
+def _mix(seed: int, step: int) -> int:
+    return (seed * 6364136223846793005 + step * 1442695040888963407 + 1) & ((1 << 63) - 1)
+
+
+# checkpoints ---------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> None:
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    osd = optimizer.state_dict()
+    scalars = {}
+    for idx, st in osd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optim/{idx}/{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}/{key}"] = val
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {
+        "step": step,
+        "param_groups": osd["param_groups"],
+        "optim_scalars": scalars,
+        "extra": extra,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"ticketlab": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, dict]:
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        meta = json.loads(header["__metadata__"]["ticketlab"])
+    except Exception as exc:
+        raise DataError(f"checkpoint {path} is corrupt: {exc}") from None
+    device = next(model.parameters()).device
+    model.load_state_dict(
+        {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model/")}
+    )
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, idx, key = k.split("/", 2)
+            state.setdefault(int(idx), {})[key] = v.to(device) if key != "step" else v
+    for k, v in meta["optim_scalars"].items():
+        idx, key = k.split("/", 1)
+        state.setdefault(int(idx), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    return int(meta["step"]), meta["extra"]
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if row["step"] <= upto:
+                rows.append(row)
+    return rows
+
+
+# the loop ------------------------------------------------------------------
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    spec: Spec,
+    mask: Mask | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    lr_override: float | None = None,
+    data_seed: int | None = None,
+    aug_seed: int | None = None,
+    workdir: str | os.PathLike | None = None,
+    snapshot_steps: Iterable[int] = (),
+    on_snapshot: Callable[[int, nn.Module], None] | None = None,
+    progress=None,
+    label: str = "train",
+) -> dict:
+    """Train ``model`` in place on steps ``[start, end)`` of the schedule of ``spec``.
+
+    With ``mask``, pruned weights are zeroed before training and after every
+    optimizer step, so they stay exactly zero. With ``workdir``, a checkpoint is
+    written at every evaluation and an existing one is resumed. Returns the final
+    metrics (test/val/train loss and accuracy, the early-stop step, and more).
+    """
+    res = resolve(spec, steps_per_epoch(data, spec.batch_size))
+    end = res.steps if end is None else end
+    if not 0 <= start < end:
+        raise UsageError(f"empty training phase [{start}, {end})")
+    data_seed = spec.seed if data_seed is None else data_seed
+    aug_seed = spec.seed + 1 if aug_seed is None else aug_seed
+    snapshot_steps = set(snapshot_steps)
+    device = next(model.parameters()).device
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    evals = [
+        ("val", data.x_val.to(device), data.y_val.to(device)),
+        ("test", data.x_test.to(device), data.y_test.to(device)),
+    ]
+
+    optimizer = make_optimizer(model, spec)
+    keeper = MaskKeeper(model, mask)
+    keeper()
+    workdir = Path(workdir) if workdir is not None else None
+    ckpt = workdir / "checkpoint.safetensors" if workdir else None
+    metrics_path = workdir / "metrics.jsonl" if workdir else None
+    rows: list[dict] = []
+    step, seconds = start, 0.0
+
+    def record(at: int) -> None:
+        row: dict = {"step": at}
+        for split, x, y in evals:
+            row[f"{split}_loss"], row[f"{split}_accuracy"] = evaluate(
+                model, x, y, spec.eval_batch_size
+            )
+        rows.append(row)
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if ckpt is not None and ckpt.exists():
+        step, extra = load_checkpoint(ckpt, model, optimizer)
+        seconds = extra.get("train_seconds", 0.0)
+        rows = _read_metrics(metrics_path, step)
+        with atomic_path(metrics_path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        if metrics_path is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_text("")
+        if step in snapshot_steps and on_snapshot:
+            on_snapshot(step, model)
+        record(step)
+
+    sampler = BatchSampler(len(y_train), spec.batch_size, data_seed)
+    augment = data.augment is not None
+    gen = torch.Generator(device="cpu")
+    task = progress.add_task(label, total=end - start, completed=step - start) if progress else None
+    current_lr = None
+    t0 = time.perf_counter()
+    model.train()
+    while step < end:
+        lr = lr_override if lr_override is not None else lr_at(step, spec, res)
+        if lr != current_lr:
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            current_lr = lr
+        idx = sampler.indices(step).to(device)
+        x, y = x_train[idx], y_train[idx]
+        if augment:
+            gen.manual_seed(_mix(aug_seed, step))
+            x = data.augment_batch(x, gen)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        keeper()
+        step += 1
+        if step in snapshot_steps and on_snapshot:
+            on_snapshot(step, model)
+        if step % res.eval_every == 0 or step == end or _stop_requested:
+            if step % res.eval_every == 0 or step == end:
+                record(step)
+            if ckpt is not None:
+                elapsed = seconds + time.perf_counter() - t0
+                save_checkpoint(ckpt, model, optimizer, step, {"train_seconds": elapsed})
+            if task is not None:
+                progress.update(task, completed=step - start)
+            if _stop_requested:
+                raise RunInterrupted(f"interrupted at step {step}; checkpoint saved")
+    seconds += time.perf_counter() - t0
+    if task is not None:
+        progress.update(task, completed=end - start, visible=False)
+
+    final = dict(rows[-1])
+    train_loss, train_acc = evaluate(model, x_train, y_train, spec.eval_batch_size)
+    valid = [r for r in rows if not math.isnan(r["val_loss"])]
+    best = min(valid, key=lambda r: r["val_loss"]) if valid else rows[-1]
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "val_accuracy": final["val_accuracy"],
+        "val_loss": final["val_loss"],
+        "best_val_step": best["step"],
+        "test_accuracy_at_best_val": best["test_accuracy"],
+        "train_loss": train_loss,
+        "train_accuracy": train_acc,
+        "steps": end - start,
+        "train_seconds": seconds,
+    }
