@@ -35,8 +35,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", help="dataset name (ticketlab list datasets)")
     g.add_argument("--data-dir", help="where the dataset files are")
     g.add_argument("--val-size", type=int, help="examples held out of training for validation")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="crop+flip augmentation (default: on for CIFAR-10)")
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="crop+flip augmentation (default: on for CIFAR-10)",
+    )
     g.add_argument("--steps", help="budget of each training phase: '50000it' or '40ep'")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optimizer", help="sgd or adam")
@@ -55,27 +59,41 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aug-seed", type=int)
     g.add_argument("--replicates", type=int, help="independent runs with distinct seeds")
     g.add_argument("--runs-dir", help="where run directories go (default: runs)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any spec field, e.g. --set eval_batch_size=500")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any spec field, e.g. --set eval_batch_size=500",
+    )
     g.add_argument("--quiet", action="store_true", default=None, help="no progress or table")
 
 
 def _lottery_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--levels", type=int, help="pruning levels after the dense level 0")
-    g.add_argument("--prune-fraction", type=float,
-                   help="fraction of remaining weights pruned per level (fully connected)")
+    g.add_argument(
+        "--prune-fraction",
+        type=float,
+        help="fraction of remaining weights pruned per level (fully connected)",
+    )
     g.add_argument("--conv-prune-fraction", type=float, help="per-level fraction for conv layers")
     g.add_argument("--output-prune-fraction", type=float, help="per-level fraction, output layer")
     g.add_argument("--scope", "--allocation", dest="scope", help="layerwise or global")
-    g.add_argument("--dense-layers", type=_list,
-                   help="layers left unpruned: 'first', 'output' or parameter names")
+    g.add_argument(
+        "--dense-layers",
+        type=_list,
+        help="layers left unpruned: 'first', 'output' or parameter names",
+    )
     g.add_argument("--criterion", help="magnitude (default) or random")
     g.add_argument("--rewind", help="rewind step k: '0it' is the original lottery ticket")
     g.add_argument("--protocol", help="rewind, finetune or lr-rewind (Renda et al. 2020)")
     g.add_argument("--retrain-steps", help="retraining budget t for finetune and lr-rewind")
-    g.add_argument("--controls", type=_list,
-                   help="comma list of reinit, reshuffle, signed-constant, random-mask")
+    g.add_argument(
+        "--controls",
+        type=_list,
+        help="comma list of reinit, reshuffle, signed-constant, random-mask",
+    )
 
 
 def build_parser() -> Parser:
@@ -87,8 +105,12 @@ def build_parser() -> Parser:
     p = sub.add_parser("train", help="train a dense baseline")
     _common(p)
     p = sub.add_parser("list", help="list models, datasets, criteria, presets or methods")
-    p.add_argument("what", nargs="?", default="all",
-                   choices=["all", "models", "datasets", "criteria", "presets", "methods"])
+    p.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "models", "datasets", "criteria", "presets", "methods"],
+    )
     p = sub.add_parser("show", help="table of a run's results")
     p.add_argument("run_dir")
     p.add_argument("--quiet", action="store_true")
@@ -135,8 +157,12 @@ def run_experiment(spec) -> int:
         )
 
         progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
         )
         print(f"run directory: {exp.dir}", file=sys.stderr)
     with stop_on_signals():
@@ -167,8 +193,10 @@ def cmd_list(what: str) -> int:
         elif section == "datasets":
             rows = describe_datasets()
         elif section == "criteria":
-            rows = [{"name": k, "description": (f.__doc__ or "").strip().splitlines()[0]}
-                    for k, f in CRITERIA.items()]
+            rows = [
+                {"name": k, "description": (f.__doc__ or "").strip().splitlines()[0]}
+                for k, f in CRITERIA.items()
+            ]
         elif section == "presets":
             rows = describe_presets()
         else:

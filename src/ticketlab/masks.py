@@ -9,10 +9,12 @@ which keeps the state dict plain and the hot loop free of hooks.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -106,7 +108,7 @@ class Mask:
     def __eq__(self, other) -> bool:
         return (
             isinstance(other, Mask)
-            and self.names() == other.names()
+            and sorted(self.names()) == sorted(other.names())
             and all(torch.equal(self[k], other[k]) for k in self._m)
         )
 
@@ -148,16 +150,21 @@ class Mask:
     def save(self, path: str | os.PathLike) -> None:
         from .runs import atomic_path
 
+        # safetensors sorts keys; the layer order (first ... output) is kept in the metadata
+        tensors = {k: m.to(torch.uint8).contiguous() for k, m in self._m.items()}
         with atomic_path(path) as tmp:
-            save_file({k: m.to(torch.uint8).contiguous() for k, m in self._m.items()}, tmp)
+            save_file(tensors, tmp, metadata={"order": json.dumps(self.names())})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:
         try:
             tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                order = json.loads((f.metadata() or {}).get("order", "[]"))
         except Exception as exc:  # safetensors raises several types for bad files
             raise DataError(f"mask file {path} is corrupt or not safetensors: {exc}") from None
-        return cls({k: v.to(torch.bool) for k, v in tensors.items()})
+        names = order if sorted(order) == sorted(tensors) else list(tensors)
+        return cls({k: tensors[k].to(torch.bool) for k in names})
 
 
 def model_density(model: nn.Module) -> float:

@@ -54,8 +54,10 @@ def layer_fractions(
         else:
             hit = [n for n in names if n == d or n == f"{d}.weight"]
             if not hit:
-                raise UsageError(f"dense layer '{d}' is not a prunable weight; choose from: "
-                                 f"first, output, {', '.join(names)}")
+                raise UsageError(
+                    f"dense layer '{d}' is not a prunable weight; choose from: "
+                    f"first, output, {', '.join(names)}"
+                )
             skip |= set(hit)
     out = {}
     for n in names:
@@ -77,7 +79,8 @@ def _select(scores: torch.Tensor, keep: torch.Tensor, n_prune: int) -> torch.Ten
     new = keep.clone()
     if n_prune <= 0:
         return new
-    s = torch.where(keep, scores.double(), torch.full_like(scores, float("inf"), dtype=torch.double))
+    inf = torch.full_like(scores, float("inf"), dtype=torch.double)
+    s = torch.where(keep, scores.double(), inf)
     # stable sort: ties go to the lower index first, so the result is deterministic
     order = torch.argsort(s, stable=True)
     new[order[:n_prune]] = False

@@ -63,6 +63,17 @@ def stop_on_signals():
         _stop_requested = False
 
 
+def request_stop() -> None:
+    """Ask the running loop to checkpoint and raise :class:`RunInterrupted` after this step."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def _clear_stop() -> None:
+    global _stop_requested
+    _stop_requested = False
+
+
 def steps_per_epoch(data: Dataset, batch_size: int) -> int:
     n = len(data.y_train)
     if batch_size > n:
@@ -292,7 +303,9 @@ def train(
             if task is not None:
                 progress.update(task, completed=step - start)
             if _stop_requested:
-                raise RunInterrupted(f"interrupted at step {step}; checkpoint saved")
+                _clear_stop()
+                saved = "checkpoint saved" if ckpt is not None else "no checkpoint kept"
+                raise RunInterrupted(f"interrupted at step {step}; {saved}")
     seconds += time.perf_counter() - t0
     if task is not None:
         progress.update(task, completed=end - start, visible=False)

@@ -47,6 +47,17 @@ from ..spec import Resolved, Spec, derive_seed, identity, resolve, resolved_dict
 from ..train import lr_at, steps_per_epoch, train
 
 
+def replicate_seed(spec: Spec, replicate: int, purpose: str) -> int:
+    """The seed of one purpose (init, data, aug, a control) for a replicate.
+
+    A seed given explicitly (``--init-seed``) is used as is for replicate 0.
+    """
+    given = {"init": spec.init_seed, "data": spec.data_seed, "aug": spec.aug_seed}.get(purpose)
+    if given is not None and replicate == 0:
+        return given
+    return derive_seed(spec.seed if given is None else given, replicate, purpose)
+
+
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
@@ -70,17 +81,23 @@ class Experiment:
         model_id: str | None = None,
     ):
         self.spec = spec
-        self.data = data if data is not None else load_data(
-            spec.dataset,
-            data_dir=spec.data_dir,
-            val_size=spec.val_size,
-            split_seed=spec.seed,
-            augment=spec.augment,
+        self.data = (
+            data
+            if data is not None
+            else load_data(
+                spec.dataset,
+                data_dir=spec.data_dir,
+                val_size=spec.val_size,
+                split_seed=spec.seed,
+                augment=spec.augment,
+            )
         )
         shape, classes = self.data.input_shape, self.data.num_classes
         if model_fn is None:
+
             def model_fn(seed: int) -> nn.Module:
                 return build(spec.model, shape, classes, spec.width, spec.init, seed)
+
         self.model_fn = model_fn
         self.spe = steps_per_epoch(self.data, spec.batch_size)
         self.res: Resolved = resolve(spec, self.spe)
@@ -104,15 +121,7 @@ class Experiment:
 
     # seeds ------------------------------------------------------------------
     def seed(self, replicate: int, purpose: str) -> int:
-        given = {
-            "init": self.spec.init_seed,
-            "data": self.spec.data_seed,
-            "aug": self.spec.aug_seed,
-        }.get(purpose)
-        if given is not None and replicate == 0:
-            return given
-        base = self.spec.seed if given is None else given
-        return derive_seed(base, replicate, purpose)
+        return replicate_seed(self.spec, replicate, purpose)
 
     # the run ----------------------------------------------------------------
     def run(self, progress=None) -> list[dict]:
@@ -159,9 +168,17 @@ class Experiment:
                 save_state(rewind_path, snapshot(m))
 
         self._variant(
-            model, rdir / "level-0" / variant0, r, 0, variant0,
-            start_state=init_state, mask=Mask.dense(model), phase=(0, res.steps, None),
-            snapshot_steps={res.rewind}, on_snapshot=save_rewind, progress=progress,
+            model,
+            rdir / "level-0" / variant0,
+            r,
+            0,
+            variant0,
+            start_state=init_state,
+            mask=Mask.dense(model),
+            phase=(0, res.steps, None),
+            snapshot_steps={res.rewind},
+            on_snapshot=save_rewind,
+            progress=progress,
         )
         if levels == 0:
             return
@@ -176,16 +193,29 @@ class Experiment:
                 rewind(model, load_state(prev / "weights_end.safetensors"))
                 gen = torch.Generator().manual_seed(self.seed(r, f"prune/{level}"))
                 mask = prune(
-                    model, Mask.load(prev / "mask.safetensors"), self.fractions,
-                    scope=spec.scope, criterion=spec.criterion, generator=gen,
+                    model,
+                    Mask.load(prev / "mask.safetensors"),
+                    self.fractions,
+                    scope=spec.scope,
+                    criterion=spec.criterion,
+                    generator=gen,
                 )
                 mask.save(mask_path)
             if spec.protocol == "rewind":
                 start = rewind_state
             else:
                 start = load_state(prev / "weights_end.safetensors")
-            self._variant(model, ldir / "ticket", r, level, "ticket", start, mask,
-                          self._phase(level), progress=progress)
+            self._variant(
+                model,
+                ldir / "ticket",
+                r,
+                level,
+                "ticket",
+                start,
+                mask,
+                self._phase(level),
+                progress=progress,
+            )
             rewind_phase = (res.rewind, res.steps, None)
             for control in spec.controls:
                 cseed = self.seed(r, f"{control}/{level}")
@@ -198,12 +228,31 @@ class Experiment:
                     cstart = signed_constant(rewind_state, mask, spec.init)
                 elif control == "random-mask":
                     cmask = random_mask(mask, cseed)
-                self._variant(model, ldir / control, r, level, control, cstart, cmask,
-                              rewind_phase, progress=progress)
+                self._variant(
+                    model,
+                    ldir / control,
+                    r,
+                    level,
+                    control,
+                    cstart,
+                    cmask,
+                    rewind_phase,
+                    progress=progress,
+                )
 
     def _variant(
-        self, model, vdir: Path, r: int, level: int, variant: str, start_state, mask: Mask,
-        phase, snapshot_steps=(), on_snapshot=None, progress=None,
+        self,
+        model,
+        vdir: Path,
+        r: int,
+        level: int,
+        variant: str,
+        start_state,
+        mask: Mask,
+        phase,
+        snapshot_steps=(),
+        on_snapshot=None,
+        progress=None,
     ) -> None:
         if (vdir / "result.json").exists():
             return
@@ -218,9 +267,19 @@ class Experiment:
             save_state(vdir / "weights_start.safetensors", snapshot(model))
         begin, end, lr = phase
         metrics = train(
-            model, self.data, self.spec, mask, start=begin, end=end, lr_override=lr,
-            data_seed=self.seed(r, "data"), aug_seed=self.seed(r, "aug"), workdir=vdir,
-            snapshot_steps=snapshot_steps, on_snapshot=on_snapshot, progress=progress,
+            model,
+            self.data,
+            self.spec,
+            mask,
+            start=begin,
+            end=end,
+            lr_override=lr,
+            data_seed=self.seed(r, "data"),
+            aug_seed=self.seed(r, "aug"),
+            workdir=vdir,
+            snapshot_steps=snapshot_steps,
+            on_snapshot=on_snapshot,
+            progress=progress,
             label=f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)",
         )
         save_state(vdir / "weights_end.safetensors", snapshot(model))
@@ -249,21 +308,20 @@ def collect_results(run_dir: Path) -> list[dict]:
 
 
 def lottery(model: nn.Module, data: Dataset, spec: Spec, progress=None) -> list[dict]:
-    """IMP on a user's own module; replicates after the first re-initialise it with ``spec.init``."""
+    """IMP on a user's own module; later replicates re-initialise it with ``spec.init``."""
     base = copy.deepcopy(model)
     n_params = sum(p.numel() for p in base.parameters())
+    first = replicate_seed(spec, 0, "init")
 
     def model_fn(seed: int) -> nn.Module:
         m = copy.deepcopy(base)
-        if seed != _first_seed:
+        if seed != first:
             initialize(m, spec.init, torch.Generator().manual_seed(seed))
         return m
 
     exp = Experiment(
-        spec, data=data, model_fn=lambda s: model_fn(s),
-        model_id=f"custom:{type(model).__name__}:{n_params}",
+        spec, data=data, model_fn=model_fn, model_id=f"custom:{type(model).__name__}:{n_params}"
     )
-    _first_seed = exp.seed(0, "init")
     return exp.run(progress)
 
 
@@ -277,15 +335,17 @@ def summarize(rows: list[dict]) -> list[dict]:
         acc = [float(r["test_accuracy"]) for r in rs]
         mean = sum(acc) / len(acc)
         std = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
-        out.append({
-            "level": level,
-            "variant": variant,
-            "density": float(rs[0]["density"]),
-            "n": len(rs),
-            "test_accuracy": mean,
-            "test_accuracy_std": std,
-            "best_val_step": sum(float(r["best_val_step"]) for r in rs) / len(rs),
-        })
+        out.append(
+            {
+                "level": level,
+                "variant": variant,
+                "density": float(rs[0]["density"]),
+                "n": len(rs),
+                "test_accuracy": mean,
+                "test_accuracy_std": std,
+                "best_val_step": sum(float(r["best_val_step"]) for r in rs) / len(rs),
+            }
+        )
     return out
 
 
