@@ -207,7 +207,8 @@ def cmd_list(what: str) -> int:
         if section == "presets":
             for row in rows:
                 console.print(f"[bold]{row.pop('name')}[/bold]: {row.pop('about')}")
-                console.print("  " + "  ".join(f"{k}={_show(v)}" for k, v in row.items()))
+                shown = ("auto" if v is None else _show(v) for v in row.values())
+                console.print("  " + "  ".join(f"{k}={v}" for k, v in zip(row, shown)))
             continue
         table = Table(title=section, title_justify="left")
         cols = list(rows[0]) if rows else []

@@ -85,4 +85,18 @@ def preset(name: str) -> dict:
 
 
 def describe_presets() -> list[dict]:
-    return [{"name": n, "about": p["_about"], **preset(n)} for n, p in PRESETS.items()]
+    """Each preset's full settings: its own values over the spec defaults."""
+    from .spec import Spec
+
+    hidden = {"method", "data_dir", "runs_dir", "quiet"}
+    rows = []
+    for name, p in PRESETS.items():
+        full = Spec(**preset(name)).__dict__
+        rows.append(
+            {
+                "name": name,
+                "about": p["_about"],
+                **{k: v for k, v in full.items() if k not in hidden},
+            }
+        )
+    return rows

@@ -160,13 +160,32 @@ def diff_specs(stored: dict, current: dict) -> list[str]:
     ]
 
 
-def open_run(runs_dir: str | os.PathLike, method: str, digest: str, identity: dict) -> Path:
-    """The run directory for a spec; refuse if a stored spec means something else."""
+def open_run(
+    runs_dir: str | os.PathLike,
+    method: str,
+    digest: str,
+    identity: dict,
+    resolved: dict,
+    not_hashed=frozenset(),
+) -> Path:
+    """The run directory for a spec; refuse if a stored spec means something else.
+
+    Both the hashed identity and every resolved field must agree, so a changed
+    default never silently changes a run's meaning. A field the stored spec does
+    not have (a knob added later) is not compared.
+    """
     directory = Path(runs_dir) / f"{method}-{digest}"
     spec_path = directory / "spec.json"
     if spec_path.exists():
-        stored = read_json(spec_path).get("identity", {})
+        stored_all = read_json(spec_path)
+        stored = stored_all.get("identity", {})
         diff = diff_specs(stored, identity)
+        old = stored_all.get("spec", {})
+        diff += [
+            f"{k}: stored {old[k]!r}, now {v!r}"
+            for k, v in resolved.items()
+            if k in old and k not in not_hashed and k not in identity and old[k] != v
+        ]
         if diff:
             raise UsageError(
                 f"run {directory} holds a different experiment ({'; '.join(diff)}); "

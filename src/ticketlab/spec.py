@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 
@@ -27,6 +28,20 @@ CRITERIA = ("magnitude", "random")
 # and counts that only extend a run.
 NOT_HASHED = frozenset(
     {"levels", "replicates", "controls", "data_dir", "runs_dir", "quiet", "eval_batch_size"}
+)
+# Knobs a dense baseline does not use.
+PRUNING_FIELDS = frozenset(
+    {
+        "criterion",
+        "prune_fraction",
+        "conv_prune_fraction",
+        "output_prune_fraction",
+        "scope",
+        "dense_layers",
+        "protocol",
+        "rewind",
+        "retrain_steps",
+    }
 )
 STEP_FIELDS = ("steps", "warmup", "eval_every", "rewind", "retrain_steps")
 
@@ -166,14 +181,31 @@ def validate(spec: Spec) -> None:
         raise UsageError("steps must be positive")
     if spec.batch_size <= 0:
         raise UsageError(f"batch size must be positive; got {spec.batch_size}")
+    for name, label in (
+        ("lr", "learning rate"),
+        ("width", "width"),
+        ("momentum", "momentum"),
+        ("weight_decay", "weight decay"),
+        ("gamma", "gamma"),
+    ):
+        if not math.isfinite(getattr(spec, name)):
+            raise UsageError(f"{label} must be a finite number; got {getattr(spec, name)}")
     if spec.lr <= 0:
         raise UsageError(f"learning rate must be positive; got {spec.lr}")
     if spec.width <= 0:
         raise UsageError(f"width must be positive; got {spec.width}")
     if not 0.0 <= spec.momentum < 1.0:
         raise UsageError(f"momentum must be in [0, 1); got {spec.momentum}")
+    if spec.momentum and spec.optimizer != "sgd":
+        raise UsageError("momentum needs --optimizer sgd (Adam has its own betas)")
     if spec.weight_decay < 0:
         raise UsageError(f"weight decay must be >= 0; got {spec.weight_decay}")
+    if spec.gamma <= 0:
+        raise UsageError(f"gamma must be positive; got {spec.gamma}")
+    if spec.eval_batch_size <= 0:
+        raise UsageError(f"eval batch size must be positive; got {spec.eval_batch_size}")
+    if spec.val_size is not None and spec.val_size < 0:
+        raise UsageError(f"val size must be >= 0; got {spec.val_size}")
     if spec.levels < 0:
         raise UsageError(f"levels must be >= 0; got {spec.levels}")
     if spec.replicates < 1:
@@ -264,6 +296,10 @@ def resolved_dict(spec: Spec, steps_per_epoch: int) -> dict:
     return d
 
 
+def unhashed_fields(method: str) -> frozenset:
+    return NOT_HASHED | (PRUNING_FIELDS if method == "train" else frozenset())
+
+
 def identity(spec: Spec, steps_per_epoch: int) -> dict:
     """The hashed part: resolved fields that differ from the resolved defaults."""
     mine = resolved_dict(spec, steps_per_epoch)
@@ -271,8 +307,9 @@ def identity(spec: Spec, steps_per_epoch: int) -> dict:
         Spec(method=spec.method, dataset=spec.dataset, model=spec.model), steps_per_epoch
     )
     out = {"method": spec.method, "dataset": spec.dataset, "model": spec.model}
+    skip = unhashed_fields(spec.method)
     for k, v in mine.items():
-        if k in NOT_HASHED:
+        if k in skip:
             continue
         if v != base[k]:
             out[k] = v

@@ -43,7 +43,16 @@ from ..runs import (
     write_csv,
     write_json,
 )
-from ..spec import Resolved, Spec, derive_seed, identity, resolve, resolved_dict, spec_hash
+from ..spec import (
+    Resolved,
+    Spec,
+    derive_seed,
+    identity,
+    resolve,
+    resolved_dict,
+    spec_hash,
+    unhashed_fields,
+)
 from ..train import lr_at, steps_per_epoch, train
 
 
@@ -117,7 +126,14 @@ class Experiment:
             spec.output_prune_fraction,
             spec.dense_layers,
         )
-        self.dir = open_run(spec.runs_dir, spec.method, self.hash, self.identity)
+        self.dir = open_run(
+            spec.runs_dir,
+            spec.method,
+            self.hash,
+            self.identity,
+            resolved_dict(spec, self.spe),
+            unhashed_fields(spec.method),
+        )
 
     # seeds ------------------------------------------------------------------
     def seed(self, replicate: int, purpose: str) -> int:
