@@ -7,6 +7,8 @@ run time; 130 interrupted (the same command resumes the run).
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -114,13 +116,23 @@ def build_parser() -> Parser:
     p = sub.add_parser("show", help="table of a run's results")
     p.add_argument("run_dir")
     p.add_argument("--quiet", action="store_true")
+    # Other methods add their subcommands: add_parsers(sub, common, lottery_flags), each
+    # parser setting `handler` (a function of the parsed args returning an exit code).
+    for name in EXTENSIONS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).add_parsers(sub, _common, _lottery_flags)
     return parser
 
 
-def spec_from_args(args: argparse.Namespace, method: str):
+EXTENSIONS = ["ticketlab.report.cli", "ticketlab.pruning.cli"]
+
+
+def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = None):
+    """Preset, then ``--set`` values, then explicit flags, into a spec of class ``cls``."""
     from .presets import preset
     from .spec import Spec, coerce, spec_fields
 
+    cls = cls or Spec
     values: dict = {}
     if args.preset:
         values.update(preset(args.preset))
@@ -128,15 +140,16 @@ def spec_from_args(args: argparse.Namespace, method: str):
         if "=" not in item:
             raise UsageError(f"--set expects KEY=VALUE; got {item!r}")
         key, text = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = coerce(key.strip().replace("-", "_"), text)
-    known = spec_fields()
+        key = key.strip().replace("-", "_")
+        values[key] = coerce(key, text, cls)
+    known = spec_fields(cls)
     for key, value in vars(args).items():
         if key in known and value is not None:
             values[key] = value
     values["method"] = method
     if method == "train":
         values.pop("levels", None)
-    return Spec(**values)
+    return cls(**values)
 
 
 def run_experiment(spec) -> int:
@@ -248,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(args.what)
         if args.command == "show":
             return cmd_show(args.run_dir)
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
         return run_experiment(spec_from_args(args, args.command))
     except UsageError as exc:
         print(f"ticketlab: error: {exc}", file=sys.stderr)

@@ -214,13 +214,13 @@ def validate(spec: Spec) -> None:
         raise UsageError("nesterov needs --optimizer sgd")
 
 
-def spec_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in fields(Spec)}
+def spec_fields(cls: type = None) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls or Spec)}
 
 
-def coerce(name: str, text: str):
+def coerce(name: str, text: str, cls: type = None):
     """Parse a ``--set key=value`` string into the type of the field ``name``."""
-    known = spec_fields()
+    known = spec_fields(cls)
     if name not in known:
         raise UsageError(f"unknown setting '{name}'; choose from: {', '.join(sorted(known))}")
     default = known[name].default
@@ -303,8 +303,9 @@ def unhashed_fields(method: str) -> frozenset:
 def identity(spec: Spec, steps_per_epoch: int) -> dict:
     """The hashed part: resolved fields that differ from the resolved defaults."""
     mine = resolved_dict(spec, steps_per_epoch)
+    # a method may subclass Spec with knobs of its own; its defaults are the base
     base = resolved_dict(
-        Spec(method=spec.method, dataset=spec.dataset, model=spec.model), steps_per_epoch
+        type(spec)(method=spec.method, dataset=spec.dataset, model=spec.model), steps_per_epoch
     )
     out = {"method": spec.method, "dataset": spec.dataset, "model": spec.model}
     skip = unhashed_fields(spec.method)
