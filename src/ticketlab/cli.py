@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -119,12 +118,11 @@ def build_parser() -> Parser:
     # Other methods add their subcommands: add_parsers(sub, common, lottery_flags), each
     # parser setting `handler` (a function of the parsed args returning an exit code).
     for name in EXTENSIONS:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).add_parsers(sub, _common, _lottery_flags)
+        importlib.import_module(name).add_parsers(sub, _common, _lottery_flags)
     return parser
 
 
-EXTENSIONS = ["ticketlab.report.cli", "ticketlab.pruning.cli"]
+EXTENSIONS: list[str] = []
 
 
 def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = None):
