@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data browser demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,19 @@ data:
 	     $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ) \
 	|| echo "note: could not install dataset-fashion-mnist"
 
+# Chromium for the headless-browser test of the HTML report, when missing and the machine allows it.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: no apt-get here; install chromium yourself (the report test is skipped)"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "note: not root and no sudo: cannot install chromium"; exit 0; fi; \
+	echo "installing the Debian package chromium"; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+	|| ( $$SUDO apt-get update -qq >/dev/null 2>&1 && \
+	     $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 ) \
+	|| echo "note: could not install chromium"
+
 demo: setup data
 	@if [ -d $(FASHION_DIR) ]; then \
 	  $(BIN)/ticketlab lottery --preset quick --controls reinit --runs-dir runs/demo; \
@@ -44,7 +57,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: setup data lint
+test: setup data browser lint
 	$(BIN)/python -m pytest
 
 bench: setup data

@@ -122,7 +122,7 @@ def build_parser() -> Parser:
     return parser
 
 
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["ticketlab.report.cli", "ticketlab.pruning.cli"]
 
 
 def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = None):
@@ -150,12 +150,13 @@ def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = Non
     return cls(**values)
 
 
-def run_experiment(spec) -> int:
+def run_experiment(spec, experiment_cls=None) -> int:
+    """Run an experiment with a progress bar per phase and print its results table."""
     from .methods.lottery import Experiment
     from .report_table import print_results
     from .train import stop_on_signals
 
-    exp = Experiment(spec)  # validates and loads data: nothing is written before this
+    exp = (experiment_cls or Experiment)(spec)  # validates and loads data: nothing written yet
     progress = None
     if not spec.quiet:
         from rich.progress import (
@@ -214,6 +215,22 @@ def cmd_list(what: str) -> int:
             rows = [
                 {"name": "lottery", "description": "iterative magnitude pruning with rewinding"},
                 {"name": "train", "description": "dense baseline"},
+                {
+                    "name": "prune",
+                    "description": "one-shot pruning at init or after training, "
+                    "by any criterion, then training",
+                },
+                {
+                    "name": "stability",
+                    "description": "linear mode connectivity of two copies "
+                    "trained from a rewind point (Frankle et al. 2020)",
+                },
+                {"name": "report", "description": "figures and report.html from run directories"},
+                {"name": "compare", "description": "mask overlap (Jaccard, Hamming) and signs"},
+                {
+                    "name": "layer-reinit",
+                    "description": "re-initialise one layer at a time (Zhang et al. 2019)",
+                },
             ]
         if section == "presets":
             for row in rows:

@@ -22,7 +22,6 @@ SCHEDULES = ("constant", "step", "cosine")
 SCOPES = ("layerwise", "global")
 PROTOCOLS = ("rewind", "finetune", "lr-rewind")
 CONTROLS = ("reinit", "reshuffle", "signed-constant", "random-mask")
-CRITERIA = ("magnitude", "random")
 
 # Fields that never change a run's meaning: where things are, how much to print,
 # and counts that only extend a run.
@@ -167,7 +166,9 @@ def validate(spec: Spec) -> None:
     _choice("schedule", spec.schedule, SCHEDULES)
     _choice("scope", spec.scope, SCOPES)
     _choice("protocol", spec.protocol, PROTOCOLS)
-    _choice("criterion", spec.criterion, CRITERIA)
+    from .pruning.criteria import criterion_names  # lazy: no import cycle
+
+    _choice("criterion", spec.criterion, criterion_names(spec.method))
     for c in spec.controls:
         _choice("control", c, CONTROLS)
     _fraction("prune fraction", spec.prune_fraction)

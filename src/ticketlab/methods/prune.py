@@ -1,0 +1,201 @@
+"""One-shot pruning, at initialisation or after training, then training the pruned network.
+
+Per replicate:
+
+- ``when="init"``: score the freshly initialised network, keep ``density`` of
+  its weights (spread by ``allocation``), train the pruned network from its
+  initial weights for T steps (level 1, variant = criterion name);
+- ``when="trained"``: train the dense network (level 0, variant ``dense``),
+  score the trained network (the trained-vs-init criteria of Zhou et al. 2019
+  compare it with the initial weights), then train the pruned network as the
+  lottery protocol says (``rewind`` to step k, ``finetune`` or ``lr-rewind``).
+
+The run store, the variants and the training loop are the lottery's
+(:class:`~ticketlab.methods.lottery.Experiment`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..masks import Mask
+from ..protocols import snapshot
+from ..pruning.allocation import ALLOCATIONS, canonical_allocation, select
+from ..pruning.criteria import CRITERIA, Context, needs_trained
+from ..spec import Spec
+from .lottery import Experiment, load_state, save_state
+
+WHEN = ("init", "trained")
+HESSIAN = ("hutchinson", "exact")
+
+
+@dataclass(frozen=True)
+class PruneSpec(Spec):
+    """Knobs of one-shot pruning (``ticketlab prune``) on top of :class:`Spec`.
+
+    The target is ``density`` or ``sparsity`` (one of them; a sparsity is stored
+    as the density 1 - S so both spell the same run).
+    """
+
+    method: str = "prune"
+    density: float | None = None
+    sparsity: float | None = None
+    allocation: str = "global"
+    when: str = "init"
+    score_batches: int = 1
+    score_batch_size: int | None = None  # None: batch_size
+    # per-criterion options
+    synflow_rounds: int = 100
+    synflow_double: bool = False
+    grasp_temperature: float = 200.0
+    grasp_samples_per_class: int = 10
+    hessian: str = "hutchinson"
+    hessian_probes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.density is not None and self.sparsity is not None:
+            raise UsageError("give --sparsity or --density, not both")
+        if self.sparsity is not None:
+            _unit("sparsity", self.sparsity)
+            object.__setattr__(self, "density", round(1.0 - float(self.sparsity), 12))
+            object.__setattr__(self, "sparsity", None)
+        if self.density is not None:
+            _unit("density", self.density)
+        object.__setattr__(self, "allocation", canonical_allocation(self.allocation))
+        super().__post_init__()
+        if self.when not in WHEN:
+            raise UsageError(f"unknown --when '{self.when}'; choose from: {', '.join(WHEN)}")
+        if self.when == "init" and needs_trained(self.criterion):
+            raise UsageError(
+                f"criterion '{self.criterion}' compares trained with initial weights; "
+                "use --when trained"
+            )
+        if self.hessian not in HESSIAN:
+            raise UsageError(f"unknown hessian '{self.hessian}'; choose from: exact, hutchinson")
+        for name in ("score_batches", "synflow_rounds", "grasp_samples_per_class"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be >= 1")
+        if self.hessian_probes < 1:
+            raise UsageError("hessian-probes must be >= 1")
+        if self.score_batch_size is not None and self.score_batch_size < 1:
+            raise UsageError("score-batch-size must be >= 1")
+        if self.grasp_temperature <= 0:
+            raise UsageError("grasp-temperature must be positive")
+
+
+def _unit(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise UsageError(f"{name} must be in (0, 1); got {value}")
+
+
+class PruneExperiment(Experiment):
+    """One-shot pruning bound to its run directory ``<runs-dir>/prune-<hash12>``."""
+
+    def __init__(self, spec: PruneSpec, data=None, model_fn=None, model_id=None):
+        if spec.density is None:
+            raise UsageError("give the target: --sparsity S or --density D")
+        super().__init__(spec, data=data, model_fn=model_fn, model_id=model_id)
+        probe = self.model_fn(0)
+        # bad dense-layer names or an unreachable target fail before anything is written
+        select(
+            {n: torch.zeros(m.shape) for n, m in Mask.dense(probe).items()},
+            Mask.dense(probe),
+            spec.density,
+            spec.allocation,
+            spec.dense_layers,
+            model=probe,
+        )
+
+    def context(self, r: int, init_state: dict) -> Context:
+        spec = self.spec
+        return Context(
+            data=self.data,
+            batches=spec.score_batches,
+            batch_size=spec.score_batch_size or spec.batch_size,
+            generator=torch.Generator().manual_seed(self.seed(r, "prune/score")),
+            init_state=init_state,
+            density=spec.density,
+            options={
+                "rounds": spec.synflow_rounds,
+                "double": spec.synflow_double,
+                "temperature": spec.grasp_temperature,
+                "samples_per_class": spec.grasp_samples_per_class,
+                "hessian": spec.hessian,
+                "probes": spec.hessian_probes,
+            },
+        )
+
+    def score_mask(self, model: nn.Module, r: int, init_state: dict) -> Mask:
+        spec = self.spec
+        dense = Mask.dense(model)
+        scores = CRITERIA[spec.criterion](model, dense, self.context(r, init_state))
+        return select(scores, dense, spec.density, spec.allocation, spec.dense_layers, model=model)
+
+    def _replicate(self, r: int, levels: int, progress) -> None:
+        spec, res = self.spec, self.res
+        rdir = self.dir / f"replicate-{r}"
+        model = self.model_fn(self.seed(r, "init"))
+        init_state = snapshot(model)
+        vdir = rdir / "level-1" / spec.criterion
+        phase = (0, res.steps, None)
+        start = init_state
+        if spec.when == "trained":
+            rewind_path = rdir / "rewind.safetensors"
+
+            def save_rewind(step: int, m: nn.Module) -> None:
+                if not rewind_path.exists():
+                    save_state(rewind_path, snapshot(m))
+
+            ddir = rdir / "level-0" / "dense"
+            self._variant(
+                model,
+                ddir,
+                r,
+                0,
+                "dense",
+                start_state=init_state,
+                mask=Mask.dense(model),
+                phase=(0, res.steps, None),
+                snapshot_steps={res.rewind},
+                on_snapshot=save_rewind,
+                progress=progress,
+            )
+            trained = load_state(ddir / "weights_end.safetensors")
+            model.load_state_dict(trained)
+            phase = self._phase(1)
+            start = load_state(rewind_path) if spec.protocol == "rewind" else trained
+        if (vdir / "result.json").exists():
+            return
+        mask_path = vdir / "mask.safetensors"
+        mask = Mask.load(mask_path) if mask_path.exists() else self.score_mask(model, r, init_state)
+        self._variant(model, vdir, r, 1, spec.criterion, start, mask, phase, progress=progress)
+
+
+def prune_experiment(model: nn.Module, data, spec: PruneSpec, progress=None) -> list[dict]:
+    """One-shot pruning of a user's own module (see :func:`ticketlab.methods.lottery.lottery`)."""
+    import copy
+
+    from ..methods.lottery import replicate_seed
+    from ..models import initialize
+
+    base = copy.deepcopy(model)
+    n_params = sum(p.numel() for p in base.parameters())
+    first = replicate_seed(spec, 0, "init")
+
+    def model_fn(seed: int) -> nn.Module:
+        m = copy.deepcopy(base)
+        if seed != first:
+            initialize(m, spec.init, torch.Generator().manual_seed(seed))
+        return m
+
+    exp = PruneExperiment(
+        spec, data=data, model_fn=model_fn, model_id=f"custom:{type(model).__name__}:{n_params}"
+    )
+    return exp.run(progress)
+
+
+__all__ = ["ALLOCATIONS", "PruneExperiment", "PruneSpec", "prune_experiment"]

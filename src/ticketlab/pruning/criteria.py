@@ -1,0 +1,483 @@
+"""Pruning criteria behind one interface: ``(model, mask, context) -> {name: scores}``.
+
+Higher score = kept. Scores cover every weight of each masked layer (entries the
+mask already removed are scored too; allocation gives them -inf). ``CRITERIA``
+maps a name to its function; each function's docstring cites its paper, and its
+first line is what ``ticketlab list criteria`` shows. The attributes ``needs_data``
+and ``needs_trained`` say what the context must carry.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UsageError
+from ..masks import Mask, prunable_weights
+
+Scores = dict[str, torch.Tensor]
+
+
+@dataclass
+class Context:
+    """What a criterion may need beyond the model and the mask.
+
+    ``data`` gives ``batches`` minibatches of ``batch_size`` training examples,
+    drawn with ``generator``; ``init_state`` holds the initial weights (by
+    parameter name) for the trained-vs-init criteria; ``density`` is the target
+    that iterative criteria (SynFlow) prune towards; ``options`` holds
+    per-criterion knobs (see each criterion).
+    """
+
+    data: object | None = None  # a ticketlab.data.Dataset
+    batches: int = 1
+    batch_size: int = 128
+    generator: torch.Generator | None = None
+    init_state: dict[str, torch.Tensor] | None = None
+    loss_fn: Callable = F.cross_entropy
+    density: float | None = None
+    input_shape: tuple[int, ...] | None = None
+    options: dict = field(default_factory=dict)
+
+    def option(self, name: str, default):
+        return self.options.get(name, default)
+
+
+def as_context(context) -> Context:
+    """Accept a :class:`Context`, a bare ``torch.Generator`` (the old interface) or None."""
+    if context is None:
+        return Context()
+    if isinstance(context, torch.Generator):
+        return Context(generator=context)
+    return context
+
+
+CRITERIA: dict[str, Callable[..., Scores]] = {}
+
+
+def criterion(
+    name: str, needs_data: bool = False, needs_trained: bool = False, needs_input: bool = False
+):
+    """Register a criterion function under ``name``.
+
+    ``needs_input``: the criterion needs the input shape (or the data) although no examples.
+    """
+
+    def wrap(fn):
+        fn.needs_data = needs_data
+        fn.needs_trained = needs_trained
+        fn.needs_input = needs_input
+        CRITERIA[name] = fn
+        return fn
+
+    return wrap
+
+
+def criterion_names(method: str | None = None) -> tuple[str, ...]:
+    """Names a method accepts: all for ``prune``; otherwise (the lottery's per-level pruning,
+    which passes only a generator) those needing no data, input shape or initial weights."""
+    if method in (None, "prune"):
+        return tuple(CRITERIA)
+    return tuple(
+        k for k, f in CRITERIA.items() if not (f.needs_data or f.needs_trained or f.needs_input)
+    )
+
+
+def needs_trained(name: str) -> bool:
+    return bool(getattr(CRITERIA.get(name), "needs_trained", False))
+
+
+# helpers ---------------------------------------------------------------------------------------
+
+
+def _weights(model: nn.Module, mask: Mask) -> dict[str, nn.Parameter]:
+    weights = prunable_weights(model)
+    missing = [k for k in mask.names() if k not in weights]
+    if missing:
+        raise UsageError(f"mask names weights the model lacks: {', '.join(missing)}")
+    return {k: weights[k] for k in mask.names()}
+
+
+def _need_data(ctx: Context, name: str):
+    if ctx.data is None:
+        raise UsageError(f"criterion '{name}' needs data (a context with a dataset)")
+    return ctx.data
+
+
+def _batches(ctx: Context, name: str):
+    """``ctx.batches`` minibatches of training data, drawn without replacement."""
+    data = _need_data(ctx, name)
+    n = len(data.y_train)
+    bs = min(ctx.batch_size, n)
+    total = min(ctx.batches * bs, n)
+    perm = torch.randperm(n, generator=ctx.generator)[:total]
+    return [(data.x_train[idx], data.y_train[idx]) for idx in perm.split(bs)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _grads(model, weights, x, y, loss_fn, create_graph=False):
+    dev = _device(model)
+    loss = loss_fn(model(x.to(dev)), y.to(dev))
+    gs = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph)
+    return dict(zip(weights, gs))
+
+
+class _mode:
+    """Put a model in train/eval mode for a block, and restore its mode after."""
+
+    def __init__(self, model: nn.Module, training: bool):
+        self.model, self.training = model, training
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.train(self.training)
+
+    def __exit__(self, *exc):
+        self.model.train(self.was)
+
+
+def _init_weights(ctx: Context, names, name: str) -> dict[str, torch.Tensor]:
+    if ctx.init_state is None:
+        raise UsageError(f"criterion '{name}' compares trained with initial weights; none given")
+    missing = [k for k in names if k not in ctx.init_state]
+    if missing:
+        raise UsageError(f"initial weights lack: {', '.join(missing)}")
+    return {k: ctx.init_state[k].detach().cpu() for k in names}
+
+
+# data-free ---------------------------------------------------------------------------------------
+
+
+@criterion("magnitude")
+def magnitude_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """|w| (Han et al. 2015; Frankle & Carbin 2019).
+
+    score = |w|.
+    """
+    weights = _weights(model, mask)
+    return {k: w.detach().abs().cpu() for k, w in weights.items()}
+
+
+@criterion("random")
+def random_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """Uniform random scores: the random-pruning baseline.
+
+    score ~ U[0, 1), drawn from ``context.generator``.
+    """
+    gen = as_context(context).generator
+    return {k: torch.rand(m.shape, generator=gen) for k, m in mask.items()}
+
+
+@criterion("synflow", needs_input=True)
+def synflow_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """SynFlow (Tanaka et al. 2020): data-free iterative synaptic flow |w * dR/dw|.
+
+    R = sum of the outputs of the network with every parameter and buffer
+    replaced by its absolute value, in eval mode, on an all-ones input of one
+    sample's shape; score = |w * dR/dw|. With ``context.density`` set, the mask
+    is pruned globally over ``rounds`` (option, default 100) with the exponential
+    schedule (density d^(k/rounds) after round k), the mask applied before each
+    round's scoring; the scores returned are the last round's, so a global top-d
+    selection gives the final mask. Option ``double`` computes in float64 (deep
+    nets overflow float32). The model itself is not touched (a copy is scored).
+    """
+    ctx = as_context(context)
+    shape = ctx.input_shape or (ctx.data.input_shape if ctx.data is not None else None)
+    if shape is None:
+        raise UsageError("criterion 'synflow' needs the input shape (context.input_shape)")
+    rounds = int(ctx.option("rounds", 100))
+    if rounds < 1:
+        raise UsageError(f"synflow rounds must be >= 1; got {rounds}")
+    net = copy.deepcopy(model)
+    net.eval()
+    if ctx.option("double", False):
+        net.double()
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            if t.is_floating_point():
+                t.abs_()
+    weights = _weights(net, mask)
+    original = {k: w.detach().clone() for k, w in weights.items()}
+    current = {k: m.clone() for k, m in mask.items()}
+    total = mask.num_total()
+    start = mask.density()
+    target = ctx.density
+    if target is None or target >= start:
+        rounds = 1
+    dtype = next(net.parameters()).dtype
+    dev = _device(net)
+    x = torch.ones((1, *shape), dtype=dtype, device=dev)
+    scores: Scores = {}
+    for k in range(1, rounds + 1):
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(original[n] * current[n].to(dev, w.dtype))
+        out = net(x)
+        grads = torch.autograd.grad(out.sum(), list(weights.values()))
+        scores = {n: (w.detach() * g).abs().cpu() for (n, w), g in zip(weights.items(), grads)}
+        if k < rounds:
+            keep = int(round(target ** (k / rounds) * total))
+            current = _global_top(scores, current, keep)
+    if rounds > 1:  # what earlier rounds removed stays removed
+        scores = {n: s.masked_fill(~current[n], -math.inf) for n, s in scores.items()}
+    return scores
+
+
+def _global_top(scores: Scores, mask: dict, keep: int) -> dict:
+    """Keep the ``keep`` highest scores among the entries ``mask`` keeps (ties: lower index)."""
+    names = list(mask)
+    flat = torch.cat([scores[n].flatten().double() for n in names])
+    kept = torch.cat([mask[n].flatten() for n in names])
+    flat = torch.where(kept, flat, torch.full_like(flat, -math.inf))
+    order = torch.argsort(-flat, stable=True)
+    new = torch.zeros_like(kept)
+    new[order[:keep]] = True
+    new &= kept
+    out, offset = {}, 0
+    for n in names:
+        size = mask[n].numel()
+        out[n] = new[offset : offset + size].view_as(mask[n])
+        offset += size
+    return out
+
+
+# gradient-based ----------------------------------------------------------------------------------
+
+
+@criterion("snip", needs_data=True)
+def snip_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """SNIP (Lee et al. 2019): connection sensitivity |g * w| / sum of |g * w|.
+
+    g * w = dL(c * w)/dc at c = 1, with g the gradient of the loss on
+    ``context.batches`` minibatches (summed); normalised over all masked
+    weights, so the scores are ranked globally.
+    """
+    ctx = as_context(context)
+    weights = _weights(model, mask)
+    acc = {k: torch.zeros_like(w) for k, w in weights.items()}
+    with _mode(model, True):
+        for x, y in _batches(ctx, "snip"):
+            for k, g in _grads(model, weights, x, y, ctx.loss_fn).items():
+                acc[k] += g
+    sal = {k: (acc[k] * w.detach()).abs().cpu() for k, w in weights.items()}
+    norm = sum(float(s.double().sum()) for s in sal.values())
+    return {k: s / norm if norm > 0 else s for k, s in sal.items()}
+
+
+def _class_batches(ctx: Context, per_class: int):
+    """``per_class`` training examples of each class, in batches of ``ctx.batch_size``."""
+    data = _need_data(ctx, "grasp")
+    y = data.y_train
+    picks = []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=ctx.generator)[:per_class]]
+        picks.append(idx)
+    idx = torch.cat(picks)
+    idx = idx[torch.randperm(len(idx), generator=ctx.generator)]
+    return [(data.x_train[i], data.y_train[i]) for i in idx.split(max(ctx.batch_size, 1))]
+
+
+@criterion("grasp", needs_data=True)
+def grasp_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """GraSP (Wang et al. 2020): gradient signal preservation, score = w * (H g), signed.
+
+    g is the loss gradient with the logits divided by a temperature (option
+    ``temperature``, 200) on ``samples_per_class`` (option, 10) examples of each
+    class; Hg is a Hessian-vector product by double backward. The paper removes
+    the largest -w * Hg, so the largest w * Hg is kept.
+    """
+    ctx = as_context(context)
+    temp = float(ctx.option("temperature", 200.0))
+    batches = _class_batches(ctx, int(ctx.option("samples_per_class", 10)))
+    weights = _weights(model, mask)
+    params = list(weights.values())
+    dev = _device(model)
+
+    def loss_of(x, y):
+        return ctx.loss_fn(model(x.to(dev)) / temp, y.to(dev))
+
+    with _mode(model, True):
+        g = [torch.zeros_like(p) for p in params]
+        for x, y in batches:
+            for a, b in zip(g, torch.autograd.grad(loss_of(x, y), params)):
+                a += b
+        hg = [torch.zeros_like(p) for p in params]
+        for x, y in batches:
+            grads = torch.autograd.grad(loss_of(x, y), params, create_graph=True)
+            z = sum((gi * a.detach()).sum() for gi, a in zip(grads, g))
+            for a, b in zip(hg, torch.autograd.grad(z, params)):
+                a += b
+    return {k: (w.detach() * h).cpu() for (k, w), h in zip(weights.items(), hg)}
+
+
+@criterion("taylor", needs_data=True)
+def taylor_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """First-order Taylor (Molchanov et al. 2019): (g * w)^2 summed over minibatches.
+
+    g is each minibatch's loss gradient; ``context.batches`` minibatches.
+    """
+    ctx = as_context(context)
+    weights = _weights(model, mask)
+    acc = {k: torch.zeros_like(w) for k, w in weights.items()}
+    with _mode(model, True):
+        for x, y in _batches(ctx, "taylor"):
+            for k, g in _grads(model, weights, x, y, ctx.loss_fn).items():
+                acc[k] += (g * weights[k].detach()) ** 2
+    return {k: v.cpu() for k, v in acc.items()}
+
+
+def per_example_grads(model: nn.Module, weights: dict, x, y, loss_fn) -> dict:
+    """Per-example gradients (N, *shape) of ``loss_fn`` by torch.func vmap + grad (eval mode)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    names = list(weights)
+
+    def loss(wsel, xi, yi):
+        p = dict(params)
+        p.update(wsel)
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0))
+
+    dev = _device(model)
+    with _mode(model, False):
+        return vmap(grad(loss), in_dims=(None, 0, 0))(
+            {k: params[k] for k in names}, x.to(dev), y.to(dev)
+        )
+
+
+@criterion("fisher", needs_data=True)
+def fisher_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """Fisher pruning (Theis et al. 2018): 1/2 w^2 mean_n(g_n^2), per-example gradients.
+
+    g_n is the gradient of example n's loss (torch.func vmap + grad, model in
+    eval mode), over ``context.batches`` minibatches.
+    """
+    ctx = as_context(context)
+    weights = _weights(model, mask)
+    acc = {k: torch.zeros_like(w) for k, w in weights.items()}
+    count = 0
+    for x, y in _batches(ctx, "fisher"):
+        grads = per_example_grads(model, weights, x, y, ctx.loss_fn)
+        for k in acc:
+            acc[k] += (grads[k] ** 2).sum(0)
+        count += len(y)
+    return {k: (0.5 * weights[k].detach() ** 2 * acc[k] / max(count, 1)).cpu() for k in acc}
+
+
+@criterion("obd", needs_data=True)
+def obd_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """Optimal Brain Damage (LeCun et al. 1990): w^2 * H_ii / 2.
+
+    H_ii is the Hessian diagonal of the loss averaged over ``context.batches``
+    minibatches, ``exact`` (option ``hessian``; one double backward per weight,
+    for small layers) or ``hutchinson`` (mean of v * Hv over ``probes``, option,
+    10, Rademacher vectors v).
+    """
+    ctx = as_context(context)
+    how = ctx.option("hessian", "hutchinson")
+    if how not in ("exact", "hutchinson"):
+        raise UsageError(f"unknown hessian estimate '{how}'; choose from: exact, hutchinson")
+    weights = _weights(model, mask)
+    params = list(weights.values())
+    batches = _batches(ctx, "obd")
+    diag = [torch.zeros_like(p) for p in params]
+    dev = _device(model)
+    if how == "exact":
+        limit = int(ctx.option("exact_limit", 20000))
+        big = [k for k, p in weights.items() if p.numel() > limit]
+        if big:
+            raise UsageError(
+                f"exact Hessian diagonal is too costly for {', '.join(big)}; use hutchinson"
+            )
+    with _mode(model, True):
+        for x, y in batches:
+            loss = ctx.loss_fn(model(x.to(dev)), y.to(dev)) / len(batches)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            if how == "exact":
+                for d, g, p in zip(diag, grads, params):
+                    flat = g.flatten()
+                    for i in range(flat.numel()):
+                        (row,) = torch.autograd.grad(flat[i], p, retain_graph=True)
+                        d.view(-1)[i] += row.view(-1)[i]
+            else:
+                probes = int(ctx.option("probes", 10))
+                for _ in range(probes):
+                    vs = [
+                        torch.randint(0, 2, p.shape, generator=ctx.generator).to(p) * 2 - 1
+                        for p in params
+                    ]
+                    hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+                    for d, v, h in zip(diag, vs, hv):
+                        d += v * h / probes
+    return {k: (0.5 * w.detach() ** 2 * d).cpu() for (k, w), d in zip(weights.items(), diag)}
+
+
+# trained versus initial weights (Zhou et al. 2019) ------------------------------------------------
+
+
+def _final_init(model, mask, context, name):
+    ctx = as_context(context)
+    final = {k: w.detach().cpu() for k, w in _weights(model, mask).items()}
+    return final, _init_weights(ctx, list(final), name)
+
+
+@criterion("large_final", needs_trained=True)
+def large_final_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """large_final (Zhou et al. 2019): |w_f|, the trained weight's magnitude."""
+    final, _ = _final_init(model, mask, context, "large_final")
+    return {k: w.abs() for k, w in final.items()}
+
+
+@criterion("magnitude_increase", needs_trained=True)
+def magnitude_increase_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """magnitude_increase (Zhou et al. 2019): |w_f| - |w_i|."""
+    final, init = _final_init(model, mask, context, "magnitude_increase")
+    return {k: final[k].abs() - init[k].abs() for k in final}
+
+
+@criterion("zhou_movement", needs_trained=True)
+def zhou_movement_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """movement (Zhou et al. 2019): |w_f - w_i|, how far a weight moved in training."""
+    final, init = _final_init(model, mask, context, "zhou_movement")
+    return {k: (final[k] - init[k]).abs() for k in final}
+
+
+def _ranks(t: torch.Tensor) -> torch.Tensor:
+    """Within-layer ascending rank (0 = smallest; ties by index)."""
+    flat = t.flatten()
+    order = torch.argsort(flat, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(flat.numel())
+    return ranks.view_as(t).to(torch.float64)
+
+
+@criterion("large_init_large_final", needs_trained=True)
+def large_init_large_final_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """large_init_large_final (Zhou et al. 2019): both |w_i| and |w_f| large.
+
+    score = min(rank of |w_i|, rank of |w_f|), ranks within the layer.
+    """
+    final, init = _final_init(model, mask, context, "large_init_large_final")
+    return {k: torch.minimum(_ranks(init[k].abs()), _ranks(final[k].abs())) for k in final}
+
+
+@criterion("large_final_same_sign", needs_trained=True)
+def large_final_same_sign_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """large_final_same_sign (Zhou et al. 2019): |w_f| where sign(w_f) = sign(w_i), else 0."""
+    final, init = _final_init(model, mask, context, "large_final_same_sign")
+    return {
+        k: torch.where(torch.sign(final[k]) == torch.sign(init[k]), final[k].abs(), 0.0)
+        for k in final
+    }

@@ -1,0 +1,115 @@
+"""Subcommands ``report``, ``compare``, ``stability`` and ``layer-reinit``.
+
+Each parser sets ``handler``, a function of the parsed args returning an exit
+code; bad input raises :class:`UsageError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UsageError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"expected a comma list of integers; got {text!r}") from None
+
+
+def _strs(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def add_parsers(sub, common, lottery_flags) -> None:
+    p = sub.add_parser("report", help="figures and a self-contained report.html for runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="directory for the PNGs and report.html")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("compare", help="overlap of masks across levels, replicates and runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="directory for compare.csv and the heat-map (default: none)")
+    p.add_argument("--level", type=int, help="compare only masks of this level")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser(
+        "stability", help="instability along linear paths between copies (Frankle et al. 2020)"
+    )
+    common(p)
+    lottery_flags(p)
+    g = p.add_argument_group("stability")
+    g.add_argument("--rewind-points", type=_strs, help="rewind steps k to fork at: '0it,100it'")
+    g.add_argument(
+        "--stability-levels", type=_ints, help="lottery levels to test: '0,3' (0 = dense)"
+    )
+    g.add_argument("--path-points", type=int, help="points on the linear path (default 30)")
+    g.add_argument(
+        "--bn-batches", type=int, help="training batches to recompute BatchNorm stats at each point"
+    )
+    p.set_defaults(handler=cmd_stability)
+
+    p = sub.add_parser("layer-reinit", help="re-initialise one layer at a time (Zhang et al. 2019)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--level", type=int, default=0, help="lottery level whose ticket is used")
+    p.add_argument("--variant", default="ticket")
+    p.add_argument("--out", required=True, help="directory for layer_reinit.csv and figures")
+    p.add_argument("--data-dir")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_layer_reinit)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import build_report
+
+    page = build_report(args.run_dirs, args.out)
+    if not args.quiet:
+        print(f"report: {page}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..analysis import compare_runs
+
+    rows = compare_runs(args.run_dirs, args.out, level=args.level)
+    if not args.quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="mask overlap (all layers)", title_justify="left")
+        for c in ("a", "b", "jaccard", "hamming"):
+            table.add_column(c)
+        for r in rows:
+            if r["layer"] == "all":
+                table.add_row(r["a"], r["b"], f"{r['jaccard']:.3f}", f"{r['hamming']:.3f}")
+        Console().print(table)
+    return 0
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from ..cli import spec_from_args
+    from ..methods.stability import StabilitySpec, run_stability
+
+    spec = spec_from_args(args, "stability", StabilitySpec)
+    rows = run_stability(spec)
+    if not spec.quiet:
+        for r in rows:
+            print(
+                f"replicate {r['replicate']} level {r['level']} ({100 * r['density']:.1f}%)"
+                f" k={r['rewind_step']}: instability {100 * r['instability']:.2f} pp",
+                file=sys.stdout,
+            )
+    return 0
+
+
+def cmd_layer_reinit(args: argparse.Namespace) -> int:
+    from ..analysis import layer_reinit_runs
+
+    layer_reinit_runs(
+        args.run_dirs, args.out, level=args.level, variant=args.variant, data_dir=args.data_dir
+    )
+    return 0
