@@ -379,3 +379,25 @@ def test_mask_file_keeps_layer_order(tmp_path):
     mask = tl.Mask.dense(model)
     mask.save(tmp_path / "m.safetensors")
     assert tl.Mask.load(tmp_path / "m.safetensors").names() == mask.names()
+
+
+def test_callbacks_run_around_the_optimizer_step_and_can_change_the_mask(xor):
+    model = tl.models.build("mlp_32", (2,), 2, seed=0)
+    dense = tl.Mask.dense(model)
+    half = tl.prune(model, dense, fraction=0.5)
+    seen = []
+
+    class Probe:
+        def before_step(self, step, m, optimizer):
+            seen.append(("before", step))
+
+        def after_step(self, step, m, optimizer, keeper, x, y):
+            seen.append(("after", step, len(y)))
+            if step == 1:
+                keeper.set_mask(half)
+
+    spec = tl.Spec(steps="4it", batch_size=50, optimizer="adam", lr=0.01, eval_every="4it")
+    tl.train(model, xor, spec, mask=dense, callbacks=[Probe()])
+    assert seen[:4] == [("before", 0), ("after", 0, 50), ("before", 1), ("after", 1, 50)]
+    for name, w in tl.prunable_weights(model).items():
+        assert torch.count_nonzero(w[~half[name]]) == 0

@@ -186,11 +186,17 @@ class MaskKeeper:
     """
 
     def __init__(self, model: nn.Module, mask: Mask | None):
+        self.model = model
+        self.set_mask(mask)
+
+    def set_mask(self, mask: Mask | None) -> None:
+        """Keep ``mask`` from now on (dynamic sparse training changes it during training)."""
+        self.mask = mask
         self.params: list[torch.Tensor] = []
         self.masks: list[torch.Tensor] = []
         if mask is None:
             return
-        named = dict(model.named_parameters())
+        named = dict(self.model.named_parameters())
         for k, m in mask.items():
             if bool(m.all()):
                 continue

@@ -212,6 +212,7 @@ def train(
     on_snapshot: Callable[[int, nn.Module], None] | None = None,
     progress=None,
     label: str = "train",
+    callbacks: Iterable = (),
 ) -> dict:
     """Train ``model`` in place on steps ``[start, end)`` of the schedule of ``spec``.
 
@@ -219,6 +220,13 @@ def train(
     optimizer step, so they stay exactly zero. With ``workdir``, a checkpoint is
     written at every evaluation and an existing one is resumed. Returns the final
     metrics (test/val/train loss and accuracy, the early-stop step, and more).
+
+    ``callbacks`` are objects with either or both of the methods
+    ``before_step(step, model, optimizer)`` (after backward, before the optimizer
+    step: e.g. add a penalty's subgradient) and ``after_step(step, model, optimizer,
+    keeper, x, y)`` (after the step and the mask: e.g. change the mask through
+    ``keeper.set_mask``). ``step`` is the index of the step just taken. A callback
+    that keeps state must save and restore it itself to survive a resume.
     """
     res = resolve(spec, steps_per_epoch(data, spec.batch_size))
     end = res.steps if end is None else end
@@ -273,6 +281,8 @@ def train(
     gen = torch.Generator(device="cpu")
     task = progress.add_task(label, total=end - start, completed=step - start) if progress else None
     current_lr = None
+    before = [c.before_step for c in callbacks if hasattr(c, "before_step")]
+    after = [c.after_step for c in callbacks if hasattr(c, "after_step")]
     t0 = time.perf_counter()
     model.train()
     while step < end:
@@ -289,8 +299,12 @@ def train(
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for cb in before:
+            cb(step, model, optimizer)
         optimizer.step()
         keeper()
+        for cb in after:
+            cb(step, model, optimizer, keeper, x, y)
         step += 1
         if step in snapshot_steps and on_snapshot:
             on_snapshot(step, model)
