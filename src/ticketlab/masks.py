@@ -190,7 +190,10 @@ class MaskKeeper:
         self.set_mask(mask)
 
     def set_mask(self, mask: Mask | None) -> None:
-        """Keep ``mask`` from now on (dynamic sparse training changes it during training)."""
+        """Keep ``mask`` from now on, zeroing its pruned weights at once.
+
+        Dynamic sparse training changes the mask during training this way.
+        """
         self.mask = mask
         self.params: list[torch.Tensor] = []
         self.masks: list[torch.Tensor] = []
@@ -203,6 +206,7 @@ class MaskKeeper:
             p = named[k]
             self.params.append(p)
             self.masks.append(m.to(device=p.device, dtype=p.dtype))
+        self()
 
     def __bool__(self) -> bool:
         return bool(self.params)
