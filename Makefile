@@ -18,31 +18,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# Fashion-MNIST from the Debian package, when missing and the machine allows it.
+# Debian packages, when missing and the machine allows it: Fashion-MNIST for the
+# demo and the tests, Chromium for the headless-browser test of the HTML report.
 data:
-	@if [ -d $(FASHION_DIR) ]; then exit 0; fi; \
-	if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "note: no apt-get here; install Fashion-MNIST yourself (see README)"; exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "note: not root and no sudo: cannot install dataset-fashion-mnist"; exit 0; fi; \
-	echo "installing the Debian package dataset-fashion-mnist"; \
-	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
-	|| ( $$SUDO apt-get update -qq >/dev/null 2>&1 && \
-	     $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ) \
-	|| echo "note: could not install dataset-fashion-mnist"
+	@tools/apt-install dataset-fashion-mnist $(FASHION_DIR) "Fashion-MNIST"
 
-# Chromium for the headless-browser test of the HTML report, when missing and the machine allows it.
 browser:
-	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then exit 0; fi; \
-	if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "note: no apt-get here; install chromium yourself (the report test is skipped)"; exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "note: not root and no sudo: cannot install chromium"; exit 0; fi; \
-	echo "installing the Debian package chromium"; \
-	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
-	|| ( $$SUDO apt-get update -qq >/dev/null 2>&1 && \
-	     $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 ) \
-	|| echo "note: could not install chromium"
+	@tools/apt-install chromium /usr/bin/chromium "the report's browser test is skipped without it"
 
 demo: setup data
 	@if [ -d $(FASHION_DIR) ]; then \
