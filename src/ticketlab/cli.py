@@ -122,7 +122,11 @@ def build_parser() -> Parser:
     return parser
 
 
-EXTENSIONS: list[str] = ["ticketlab.report.cli", "ticketlab.pruning.cli"]
+EXTENSIONS: list[str] = [
+    "ticketlab.report.cli",
+    "ticketlab.pruning.cli",
+    "ticketlab.methods.sparse_cli",
+]
 
 
 def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = None):

@@ -1,0 +1,429 @@
+"""Dynamic sparse training: static sparse, SET (Mocanu et al. 2018) and RigL (Evci et al. 2020).
+
+Per replicate: a random sparse mask at density D, spread over layers by
+``distribution`` (uniform, ER or ERK), is drawn at initialisation and trained
+for T steps (level 1, variant = algorithm). ``static`` keeps it fixed. ``set``
+and ``rigl`` update it every ΔT steps until T_end: in each sparse layer they
+drop the ``alpha_t * n_active`` active weights of smallest magnitude and grow
+as many inactive connections -- at random (SET) or by largest dense-gradient
+magnitude on the current batch (RigL) -- so every layer's count is unchanged.
+The just-dropped connections are candidates for regrowth: one dropped and
+regrown keeps its value and optimizer state; a new one starts at zero with its
+optimizer state (momentum, Adam moments) zeroed. SET drops a constant fraction
+alpha; RigL decays it by a cosine, alpha_t = alpha/2 (1 + cos(pi t / T_end)).
+
+Training cost is counted as the RigL paper does (App. H): 3 f_S per step for
+static and SET, (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1) for RigL, with f_S and f_D
+the sparse and dense forward multiply-adds of one example.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UsageError
+from ..masks import PRUNABLE_TYPES, Mask, model_density
+from ..protocols import rewind, snapshot
+from ..pruning.allocation import canonical_allocation, layer_densities, select
+from ..runs import RESULT_COLUMNS, write_csv, write_json
+from ..spec import Spec
+from ..train import train
+from .lottery import Experiment, collect_results, save_state
+
+ALGORITHMS = ("static", "set", "rigl")
+DISTRIBUTIONS = ("uniform", "er", "erk")
+# optimizer state tensors shaped like the parameter, reset for a new connection
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class DSTSpec(Spec):
+    """Knobs of dynamic sparse training (``ticketlab dst``) on top of :class:`Spec`.
+
+    ``sparsity`` is stored as the density ``1 - S``. ``t_end`` is the fraction of
+    training after which the mask is frozen; ``first_dense`` keeps the first
+    layer dense (the others then make up the difference).
+    """
+
+    method: str = "dst"
+    algorithm: str = "rigl"
+    density: float | None = None
+    sparsity: float | None = None
+    distribution: str = "erk"
+    delta_t: int = 100
+    alpha: float = 0.3
+    t_end: float = 0.75
+    first_dense: bool = False
+
+    def __post_init__(self) -> None:
+        if self.density is not None and self.sparsity is not None:
+            raise UsageError("give --sparsity or --density, not both")
+        if self.sparsity is not None:
+            _unit("sparsity", self.sparsity)
+            object.__setattr__(self, "density", round(1.0 - float(self.sparsity), 12))
+            object.__setattr__(self, "sparsity", None)
+        if self.density is not None:
+            _unit("density", self.density)
+        super().__post_init__()
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(
+                f"unknown algorithm '{self.algorithm}'; choose from: {', '.join(ALGORITHMS)}"
+            )
+        if self.distribution not in DISTRIBUTIONS:
+            raise UsageError(
+                f"unknown distribution '{self.distribution}'; "
+                f"choose from: {', '.join(DISTRIBUTIONS)}"
+            )
+        if isinstance(self.delta_t, bool) or not isinstance(self.delta_t, int):
+            raise UsageError(f"delta-t must be a whole number of steps; got {self.delta_t}")
+        if self.delta_t < 1:
+            raise UsageError(f"delta-t must be >= 1; got {self.delta_t}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0):
+            raise UsageError(f"alpha must be in (0, 1); got {self.alpha}")
+        if not (isinstance(self.t_end, (int, float)) and 0.0 < self.t_end <= 1.0):
+            raise UsageError(f"t-end must be a fraction of training in (0, 1]; got {self.t_end}")
+
+
+def _unit(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UsageError(f"{name} must be in (0, 1); got {value}")
+
+
+# masks and schedules ---------------------------------------------------------------------------
+
+
+def allocation_of(distribution: str) -> str:
+    return canonical_allocation(distribution)  # uniform -> layerwise
+
+
+def random_sparse_mask(
+    model: nn.Module,
+    density: float,
+    distribution: str = "erk",
+    first_dense: bool = False,
+    generator: torch.Generator | None = None,
+) -> Mask:
+    """A random mask keeping round(d_i n_i) weights of each layer, d_i from the distribution."""
+    dense = Mask.dense(model)
+    scores = {n: torch.rand(m.shape, generator=generator) for n, m in dense.items()}
+    skip = ("first",) if first_dense else ()
+    return select(scores, dense, density, allocation_of(distribution), skip, model=model)
+
+
+def drop_fraction(t: int, alpha: float, t_end: int, cosine: bool = True) -> float:
+    """alpha_t: alpha/2 (1 + cos(pi t / T_end)) for RigL (cosine), alpha for SET; 0 from T_end."""
+    if t >= t_end:
+        return 0.0
+    if not cosine:
+        return alpha
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * t / t_end))
+
+
+@torch.no_grad()
+def _reset_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, where: torch.Tensor) -> None:
+    state = optimizer.state.get(p, {})
+    for key in STATE_KEYS:
+        buf = state.get(key)
+        if torch.is_tensor(buf) and buf.shape == p.shape:
+            buf[where] = 0
+
+
+def dense_gradients(model: nn.Module, names, x, y) -> dict[str, torch.Tensor]:
+    """The gradient of the loss on (x, y) w.r.t. each named weight: dense, though pruned ones are 0.
+
+    The parameters' ``.grad`` are cleared afterwards (the loop's next step recomputes them).
+    """
+    params = dict(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    return {n: g.detach() for n, g in zip(names, grads)}
+
+
+@torch.no_grad()
+def update_mask(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    mask: Mask,
+    fraction: float,
+    grow: str,
+    grads: dict[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    skip: frozenset | set = frozenset(),
+) -> tuple[Mask, dict[str, dict]]:
+    """One drop/grow update of every sparse layer; returns the new mask and per-layer counts.
+
+    Drops ``round(fraction * n_active)`` active weights of smallest magnitude,
+    then grows as many among the inactive ones (the just-dropped included) by
+    ``grow``: ``"random"`` or ``"gradient"`` (largest |grads|). Grown
+    connections that were not active before are set to 0 and their optimizer
+    state is zeroed; so is the state of dropped ones that were not regrown.
+    """
+    params = dict(model.named_parameters())
+    new_masks, stats = {}, {}
+    for name, old in mask.items():
+        n_active = int(old.sum())
+        if name in skip or n_active == old.numel():
+            new_masks[name] = old
+            continue
+        k = int(round(fraction * n_active))
+        p = params[name]
+        flat_old = old.flatten().to(p.device)
+        if k == 0:
+            new_masks[name] = old
+            stats[name] = {"active": n_active, "dropped": 0, "moved": 0}
+            continue
+        mag = torch.where(flat_old, p.detach().abs().flatten().double(), math.inf)
+        drop = torch.argsort(mag, stable=True)[:k]
+        after_drop = flat_old.clone()
+        after_drop[drop] = False
+        if grow == "gradient":
+            score = grads[name].abs().flatten().double()
+        else:
+            score = torch.rand(old.numel(), generator=generator, dtype=torch.double).to(p.device)
+        score = torch.where(after_drop, -math.inf, score)
+        grown = torch.argsort(-score, stable=True)[:k]
+        flat_new = after_drop.clone()
+        flat_new[grown] = True
+        born = (flat_new & ~flat_old).view_as(p)
+        died = (flat_old & ~flat_new).view_as(p)
+        p[born] = 0.0
+        p[died] = 0.0
+        if optimizer is not None:
+            _reset_state(optimizer, p, born | died)
+        new_masks[name] = flat_new.view_as(old).to(old.device)
+        stats[name] = {"active": n_active, "dropped": k, "moved": int(born.sum())}
+    return Mask({n: new_masks[n] for n in mask.names()}), stats
+
+
+class DSTUpdater:
+    """The training-loop callback that updates the mask every ΔT steps until T_end.
+
+    ``t`` (the steps taken) is ``step + 1``; an update happens when ``t`` is a
+    multiple of ΔT and ``t < T_end``. Each update appends one line to ``log``.
+    """
+
+    def __init__(
+        self,
+        algorithm: str,
+        mask: Mask,
+        delta_t: int,
+        alpha: float,
+        t_end: int,
+        skip=frozenset(),
+        generator: torch.Generator | None = None,
+        log: Path | None = None,
+    ):
+        if algorithm not in ("set", "rigl"):
+            raise UsageError(f"no mask updates for algorithm '{algorithm}'")
+        self.algorithm = algorithm
+        self.mask = mask
+        self.delta_t, self.alpha, self.t_end = delta_t, alpha, t_end
+        self.skip = frozenset(skip)
+        self.generator = generator or torch.Generator()
+        self.log = log
+        self.updates: list[dict] = []
+
+    def due(self, t: int) -> bool:
+        return t % self.delta_t == 0 and t < self.t_end
+
+    def after_step(self, step: int, model, optimizer, keeper, x, y) -> None:
+        t = step + 1
+        if not self.due(t):
+            return
+        rigl = self.algorithm == "rigl"
+        frac = drop_fraction(t, self.alpha, self.t_end, cosine=rigl)
+        grads = None
+        if rigl:
+            names = [n for n, m in self.mask.items() if n not in self.skip and not bool(m.all())]
+            grads = dense_gradients(model, names, x, y)
+        self.mask, stats = update_mask(
+            model,
+            optimizer,
+            self.mask,
+            frac,
+            "gradient" if rigl else "random",
+            grads,
+            self.generator,
+            self.skip,
+        )
+        keeper.set_mask(self.mask)
+        row = {
+            "step": t,
+            "alpha_t": frac,
+            "moved": sum(s["moved"] for s in stats.values()),
+            "layers": stats,
+        }
+        self.updates.append(row)
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# FLOPs -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, input_shape: tuple) -> dict[str, int]:
+    """Dense multiply-adds of one example in each prunable layer, from one hooked forward."""
+    out_sizes: dict[str, torch.Size] = {}
+    handles = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            name = f"{mod_name}.weight" if mod_name else "weight"
+
+            def hook(mod, inp, out, name=name):
+                out_sizes[name] = out.shape
+
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    params = dict(model.named_parameters())
+    macs = {}
+    for name, shape in out_sizes.items():
+        w = params[name]
+        # each output element costs (fan-in) multiply-adds: w.numel() / out_channels
+        spatial = math.prod(shape[2:]) if len(shape) > 2 else 1
+        macs[name] = int(w.numel()) * spatial
+    return macs
+
+
+def forward_flops(macs: dict[str, int], densities: dict[str, float] | None = None) -> float:
+    """f_S (with per-layer densities) or f_D (without): multiply-adds of one forward pass."""
+    return float(
+        sum(m * (1.0 if densities is None else densities.get(n, 1.0)) for n, m in macs.items())
+    )
+
+
+def train_flops_per_step(algorithm: str, f_s: float, f_d: float, delta_t: int = 100) -> float:
+    """Per-example training cost of one step as the RigL paper counts it."""
+    if algorithm == "rigl":
+        return (3 * f_s * delta_t + 2 * f_s + f_d) / (delta_t + 1)
+    return 3 * f_s
+
+
+# the experiment --------------------------------------------------------------------------------
+
+
+class DSTExperiment(Experiment):
+    """Dynamic sparse training bound to its run directory ``<runs-dir>/dst-<hash12>``."""
+
+    def __init__(self, spec: DSTSpec, data=None, model_fn=None, model_id=None):
+        if spec.density is None:
+            raise UsageError("give the target: --sparsity S or --density D")
+        super().__init__(spec, data=data, model_fn=model_fn, model_id=model_id)
+        probe = self.model_fn(0)
+        # an unreachable target fails before anything is written
+        self.densities = layer_densities(
+            probe,
+            spec.density,
+            allocation_of(spec.distribution),
+            ("first",) if spec.first_dense else (),
+        )
+        self.macs = layer_macs(probe, self.data.input_shape)
+
+    def _replicate(self, r: int, levels: int, progress) -> None:
+        spec, res = self.spec, self.res
+        vdir = self.dir / f"replicate-{r}" / "level-1" / spec.algorithm
+        if (vdir / "result.json").exists():
+            return
+        model = self.model_fn(self.seed(r, "init"))
+        mask = random_sparse_mask(
+            model,
+            spec.density,
+            spec.distribution,
+            spec.first_dense,
+            torch.Generator().manual_seed(self.seed(r, "dst/mask")),
+        )
+        vdir.mkdir(parents=True, exist_ok=True)
+        # the mask changes during training, so a half-done variant starts again
+        for stale in ("checkpoint.safetensors", "dst_updates.jsonl"):
+            (vdir / stale).unlink(missing_ok=True)
+        mask.save(vdir / "mask.safetensors")
+        rewind(model, snapshot(model), mask)
+        save_state(vdir / "weights_start.safetensors", snapshot(model))
+        callbacks, updater = [], None
+        t_end = int(round(spec.t_end * res.steps))
+        if spec.algorithm != "static":
+            skip = {mask.names()[0]} if spec.first_dense else set()
+            updater = DSTUpdater(
+                spec.algorithm,
+                mask,
+                spec.delta_t,
+                spec.alpha,
+                t_end,
+                skip=skip,
+                generator=torch.Generator().manual_seed(self.seed(r, "dst/grow")),
+                log=vdir / "dst_updates.jsonl",
+            )
+            (vdir / "dst_updates.jsonl").write_text("")
+            callbacks.append(updater)
+        metrics = train(
+            model,
+            self.data,
+            spec,
+            mask,
+            start=0,
+            end=res.steps,
+            data_seed=self.seed(r, "data"),
+            aug_seed=self.seed(r, "aug"),
+            workdir=vdir,
+            progress=progress,
+            label=f"rep {r} {spec.algorithm} ({100 * mask.density():.1f}%)",
+            callbacks=callbacks,
+        )
+        final = updater.mask if updater is not None else mask
+        final.save(vdir / "mask_end.safetensors")
+        save_state(vdir / "weights_end.safetensors", snapshot(model))
+        f_s = forward_flops(self.macs, final.layer_density())
+        f_d = forward_flops(self.macs)
+        per_step = train_flops_per_step(spec.algorithm, f_s, f_d, spec.delta_t)
+        examples = res.steps * spec.batch_size
+        row = {
+            "method": spec.method,
+            "replicate": r,
+            "level": 1,
+            "variant": spec.algorithm,
+            "density": final.density(),
+            "density_all": model_density(model),
+            **metrics,
+            "algorithm": spec.algorithm,
+            "distribution": spec.distribution,
+            "forward_flops": f_s,
+            "forward_flops_dense": f_d,
+            "train_flops": per_step * examples,
+            "train_flops_vs_dense": per_step / (3 * f_d),
+            "mask_updates": len(updater.updates) if updater is not None else 0,
+            "connections_moved": sum(u["moved"] for u in updater.updates) if updater else 0,
+            "status": "done",
+        }
+        write_json(vdir / "result.json", row)
+        (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
+        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+
+__all__ = [
+    "DSTExperiment",
+    "DSTSpec",
+    "DSTUpdater",
+    "drop_fraction",
+    "forward_flops",
+    "layer_macs",
+    "random_sparse_mask",
+    "train_flops_per_step",
+    "update_mask",
+]

@@ -1,0 +1,159 @@
+"""Dynamic sparse training (static, SET, RigL) against Evci et al. 2020."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import ticketlab as tl
+from ticketlab.cli import main
+from ticketlab.masks import Mask, MaskKeeper
+from ticketlab.methods.dst import (
+    DSTUpdater,
+    drop_fraction,
+    forward_flops,
+    layer_macs,
+    random_sparse_mask,
+    train_flops_per_step,
+    update_mask,
+)
+
+
+def mlp(seed=0):
+    return tl.models.build("lenet_300_100", (1, 8, 8), 4, width=0.1, seed=seed)
+
+
+def counts(mask):
+    return {n: int(m.sum()) for n, m in mask.items()}
+
+
+def test_random_mask_follows_distribution():
+    model = mlp()
+    mask = random_sparse_mask(model, 0.2, "uniform", generator=torch.Generator().manual_seed(0))
+    for _, m in mask.items():
+        assert int(m.sum()) == round(0.2 * m.numel())
+    erk = random_sparse_mask(model, 0.9, "erk", first_dense=True)
+    assert bool(erk[erk.names()[0]].all())
+    assert abs(erk.density() - 0.9) < 0.01
+
+
+@pytest.mark.parametrize("algorithm", ["set", "rigl"])
+def test_updates_preserve_layer_counts(algorithm):
+    torch.manual_seed(0)
+    model = mlp()
+    mask = random_sparse_mask(model, 0.3, "erk", generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    keeper = MaskKeeper(model, mask)
+    start = counts(mask)
+    upd = DSTUpdater(algorithm, mask, delta_t=2, alpha=0.5, t_end=20)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for step in range(20):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        keeper()
+        upd.after_step(step, model, opt, keeper, x, y)
+        assert counts(upd.mask) == start
+        assert counts(Mask.from_model(model)) == counts(Mask.from_model(model))
+        for n, p in dict(model.named_parameters()).items():
+            if n in upd.mask:
+                assert not bool(p[~upd.mask[n]].any())  # pruned weights exactly zero
+    assert len(upd.updates) == 9  # t = 2, 4, ..., 18
+    assert sum(u["moved"] for u in upd.updates) > 0
+
+
+def test_rigl_cosine_schedule():
+    assert drop_fraction(0, 0.3, 1000) == pytest.approx(0.3)
+    assert drop_fraction(500, 0.3, 1000) == pytest.approx(0.15)
+    assert drop_fraction(250, 0.3, 1000) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert drop_fraction(1000, 0.3, 1000) == 0.0
+    assert drop_fraction(400, 0.3, 1000, cosine=False) == 0.3
+
+
+def test_grow_resets_new_and_keeps_regrown():
+    """Layer of 4 weights, 2 active: drop 1 by magnitude; gradient picks the regrowth."""
+    lin = nn.Linear(4, 1, bias=False)
+    model = nn.Sequential(lin)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, 0.1, 0.0, 0.0]]))
+    mask = Mask({"0.weight": torch.tensor([[True, True, False, False]])})
+    opt = torch.optim.Adam(model.parameters())
+    lin.weight.grad = torch.ones_like(lin.weight)
+    opt.step()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, 0.1, 0.0, 0.0]]))
+    state = opt.state[lin.weight]
+    before = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    # case 1: the just-dropped weight (index 1) has the largest gradient -> regrown, kept
+    grads = {"0.weight": torch.tensor([[0.0, 9.0, 1.0, 2.0]])}
+    new, stats = update_mask(model, opt, mask, 0.5, "gradient", grads)
+    assert new["0.weight"].tolist() == [[True, True, False, False]]
+    assert stats["0.weight"]["moved"] == 0
+    assert lin.weight[0, 1].item() == pytest.approx(0.1)
+    for k in before:
+        assert torch.equal(state[k], before[k])
+    # case 2: index 3 has the largest gradient -> new connection at 0, state zeroed
+    grads = {"0.weight": torch.tensor([[0.0, 1.0, 1.0, 2.0]])}
+    new, stats = update_mask(model, opt, mask, 0.5, "gradient", grads)
+    assert new["0.weight"].tolist() == [[True, False, False, True]]
+    assert stats["0.weight"]["moved"] == 1
+    assert lin.weight[0, 3].item() == 0.0 and lin.weight[0, 1].item() == 0.0
+    for k in before:
+        assert state[k][0, 3].item() == 0.0 and state[k][0, 1].item() == 0.0
+        assert state[k][0, 0].item() == before[k][0, 0].item() != 0.0
+
+
+def test_flops_hand_computed_mlp():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    macs = layer_macs(model, (10,))
+    assert macs == {"1.weight": 200, "3.weight": 100}
+    f_d = forward_flops(macs)
+    f_s = forward_flops(macs, {"1.weight": 0.1, "3.weight": 0.5})
+    assert (f_d, f_s) == (300, 70)
+    assert train_flops_per_step("static", f_s, f_d) == 210
+    assert train_flops_per_step("set", f_s, f_d) == 210
+    assert train_flops_per_step("rigl", f_s, f_d, 10) == pytest.approx((2100 + 140 + 300) / 11)
+
+
+def test_erk_costs_more_than_uniform_on_conv():
+    model = tl.models.build("conv2", (1, 12, 12), 4, width=0.25, seed=0)
+    macs = layer_macs(model, (1, 12, 12))
+    conv = [n for n in macs if n.startswith("features")]
+    assert macs[conv[1]] == 16 * 16 * 9 * 144
+    uni = random_sparse_mask(model, 0.1, "uniform").layer_density()
+    erk = random_sparse_mask(model, 0.1, "erk").layer_density()
+    assert forward_flops(macs, erk) > forward_flops(macs, uni)
+
+
+def test_cli_static_set_rigl(tmp_path):
+    common = [
+        "--dataset", "xor", "--model", "lenet_300_100", "--width", "0.2",
+        "--steps", "60it", "--batch-size", "32", "--eval-every", "30it",
+        "--sparsity", "0.8", "--delta-t", "10", "--runs-dir", str(tmp_path), "--quiet",
+    ]  # fmt: skip
+    rows = {}
+    for alg in ("static", "set", "rigl"):
+        assert main(["dst", "--algorithm", alg, *common]) == 0
+    for run in tmp_path.glob("dst-*"):
+        for line in (run / "results.csv").read_text().splitlines()[1:]:
+            rows[line.split(",")[3]] = line
+        rigl = list(run.glob("replicate-0/level-1/rigl/dst_updates.jsonl"))
+        if rigl:
+            ups = [json.loads(s) for s in rigl[0].read_text().splitlines()]
+            assert [u["step"] for u in ups] == [10, 20, 30, 40]  # T_end = 45
+    assert set(rows) == {"static", "set", "rigl"}
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    base = ["dst", "--dataset", "xor", "--runs-dir", str(tmp_path), "--quiet"]
+    assert main([*base, "--sparsity", "1.5"]) == 2
+    assert main([*base, "--sparsity", "0.5", "--algorithm", "nope"]) == 2
+    assert main([*base, "--sparsity", "0.5", "--distribution", "global"]) == 2
+    assert main([*base, "--sparsity", "0.5", "--alpha", "0"]) == 2
+    assert main(base) == 2
+    assert not list(tmp_path.iterdir())
