@@ -396,8 +396,15 @@ def test_callbacks_run_around_the_optimizer_step_and_can_change_the_mask(xor):
             if step == 1:
                 keeper.set_mask(half)
 
+        def on_epoch_end(self, epoch, m):
+            seen.append(("epoch", epoch))
+
     spec = tl.Spec(steps="4it", batch_size=50, optimizer="adam", lr=0.01, eval_every="4it")
     tl.train(model, xor, spec, mask=dense, callbacks=[Probe()])
     assert seen[:4] == [("before", 0), ("after", 0, 50), ("before", 1), ("after", 1, 50)]
+    assert ("epoch", 1) not in seen  # 70 steps per epoch
+    seen.clear()
+    tl.train(model, xor, spec.replace(steps="140it", eval_every="70it"), callbacks=[Probe()])
+    assert [s for s in seen if s[0] == "epoch"] == [("epoch", 1), ("epoch", 2)]
     for name, w in tl.prunable_weights(model).items():
         assert torch.count_nonzero(w[~half[name]]) == 0

@@ -225,7 +225,9 @@ def train(
     ``before_step(step, model, optimizer)`` (after backward, before the optimizer
     step: e.g. add a penalty's subgradient) and ``after_step(step, model, optimizer,
     keeper, x, y)`` (after the step and the mask: e.g. change the mask through
-    ``keeper.set_mask``). ``step`` is the index of the step just taken. A callback
+    ``keeper.set_mask``), and ``on_epoch_end(epoch, model)`` (after the last step
+    of each epoch; ``epoch`` counts from 1). ``step`` is the index of the step just
+    taken. A callback
     that keeps state must save and restore it itself to survive a resume.
     """
     res = resolve(spec, steps_per_epoch(data, spec.batch_size))
@@ -283,6 +285,7 @@ def train(
     current_lr = None
     before = [c.before_step for c in callbacks if hasattr(c, "before_step")]
     after = [c.after_step for c in callbacks if hasattr(c, "after_step")]
+    epoch_end = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
     t0 = time.perf_counter()
     model.train()
     while step < end:
@@ -306,6 +309,9 @@ def train(
         for cb in after:
             cb(step, model, optimizer, keeper, x, y)
         step += 1
+        if epoch_end and step % res.steps_per_epoch == 0:
+            for cb in epoch_end:
+                cb(step // res.steps_per_epoch, model)
         if step in snapshot_steps and on_snapshot:
             on_snapshot(step, model)
         if step % res.eval_every == 0 or step == end or _stop_requested:
