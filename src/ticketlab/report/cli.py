@@ -109,7 +109,19 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def cmd_layer_reinit(args: argparse.Namespace) -> int:
     from ..analysis import layer_reinit_runs
 
-    layer_reinit_runs(
+    rows = layer_reinit_runs(
         args.run_dirs, args.out, level=args.level, variant=args.variant, data_dir=args.data_dir
     )
+    if not args.quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(
+            title=f"test accuracy with one layer reset ({args.out})", title_justify="left"
+        )
+        for c in ("run", "layer", "reset to", "test acc %"):
+            table.add_column(c)
+        for r in rows:
+            table.add_row(r["run"], r["layer"], r["reset"], f"{100 * r['test_accuracy']:.2f}")
+        Console().print(table)
     return 0
