@@ -126,6 +126,7 @@ EXTENSIONS: list[str] = [
     "ticketlab.report.cli",
     "ticketlab.pruning.cli",
     "ticketlab.methods.sparse_cli",
+    "ticketlab.methods.masking_cli",
 ]
 
 
@@ -229,6 +230,18 @@ def cmd_list(what: str) -> int:
                     "description": "linear mode connectivity of two copies "
                     "trained from a rewind point (Frankle et al. 2020)",
                 },
+                {
+                    "name": "supermask",
+                    "description": "learn a mask over frozen random weights "
+                    "(edge-popup, Bernoulli; same-sign masks without training)",
+                },
+                {"name": "bn-only", "description": "train only BatchNorm scales and shifts"},
+                {
+                    "name": "supsup",
+                    "description": "one supermask per task over shared random "
+                    "weights, with task inference",
+                },
+                {"name": "dst", "description": "sparse training from scratch: static, SET, RigL"},
                 {"name": "report", "description": "figures and report.html from run directories"},
                 {"name": "compare", "description": "mask overlap (Jaccard, Hamming) and signs"},
                 {

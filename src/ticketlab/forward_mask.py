@@ -1,0 +1,283 @@
+"""Masks applied in the forward pass: the dense weights are kept.
+
+The second way of applying a mask (the first is :meth:`ticketlab.masks.Mask.apply_`,
+which zeroes weights in place). Supermasks, SupSup and movement pruning need
+the dense weights to survive or to come back, so each prunable layer computes
+with ``weight * m`` while its ``weight`` parameter stays untouched. ``m`` is a
+fixed boolean mask, a function of learnable per-weight scores, or any tensor a
+method supplies (SupSup's mixture of masks).
+
+How: every prunable layer is a Linear or a Conv (``masks.PRUNABLE_TYPES``), whose
+forward is ``F.linear(x, w, b)`` or ``_conv_forward(x, w, b)``. :func:`attach`
+sets an instance ``forward`` that calls the same function with the masked weight.
+We chose this over ``torch.nn.utils.parametrize`` and ``nn.utils.prune`` because
+both rename the weight (``parametrizations.weight.original``, ``weight_orig``),
+so a state dict saved while attached does not load into the plain model; here
+the state dict keeps its plain names throughout, ``deepcopy`` works (the
+forward is a bound method, rebound to the copy, and the handle is copied
+along), and :meth:`MaskedWeights.detach` only deletes what it added. Fixed
+masks are non-persistent buffers (they follow ``.to(device)`` but stay out of
+the state dict); learnable scores are parameters
+named ``weight_scores`` (in the state dict and in ``model.parameters()``, so the
+training loop's optimizer and checkpoints pick them up).
+
+A subclass of Linear whose own forward does not call ``self.weight`` through
+this path (``MultiheadAttention``'s ``out_proj``) is not masked by it.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UsageError
+from .masks import Mask, prunable_weights
+
+MODES = ("fixed", "topk", "bernoulli")
+_MASK = "weight_fmask"
+_SCORES = "weight_scores"
+
+
+class _TopK(torch.autograd.Function):
+    """Keep the top ``density`` of |scores|; straight-through gradient (edge-popup)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, density: float) -> Tensor:
+        return topk_mask(scores, density).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def kept_count(numel: int, density: float) -> int:
+    """Weights edge-popup keeps in a layer: ``n - floor((1 - k) n)``, as the reference does."""
+    return numel - int((1.0 - density) * numel)
+
+
+def topk_mask(scores: Tensor, density: float) -> Tensor:
+    """Boolean mask of the ``kept_count`` largest |scores| of one layer."""
+    flat = scores.detach().abs().flatten()
+    k = kept_count(flat.numel(), density)
+    out = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        out[torch.topk(flat, k, sorted=False).indices] = True
+    return out.view_as(scores)
+
+
+def _linear_forward(self, x):
+    return F.linear(x, self.weight * self._fmask_handle._factor(self._fmask_name, self), self.bias)
+
+
+def _conv_forward(self, x):
+    w = self.weight * self._fmask_handle._factor(self._fmask_name, self)
+    return self._conv_forward(x, w, self.bias)
+
+
+class MaskedWeights:
+    """The handle of a forward-pass mask on a model (see :func:`attach`).
+
+    ``mode`` is ``fixed`` (a boolean mask), ``topk`` (edge-popup: the top
+    ``density`` of |scores| per layer, straight-through gradient) or
+    ``bernoulli`` (Zhou et al.: a mask sampled from sigmoid(scores) in training,
+    straight-through gradient; ``eval_mask`` is ``expected`` (sigmoid(scores)) or
+    ``sampled`` at evaluation; ``rescale`` multiplies each layer by
+    numel / kept of the realised mask).
+    """
+
+    def __init__(self, model: nn.Module, mode: str, density: float, eval_mask: str, rescale: bool):
+        self.model = model
+        self.mode = mode
+        self.density = density
+        self.eval_mask = eval_mask
+        self.rescale = rescale
+        self.generator: torch.Generator | None = None
+        self.modules: dict[str, nn.Module] = {}
+        self._override: dict[str, Tensor] | None = None
+        self._attached = False
+
+    # what each layer multiplies by ------------------------------------------
+    def _factor(self, name: str, module: nn.Module) -> Tensor:
+        if self._override is not None:
+            return self._override[name]
+        if self.mode == "fixed":
+            return getattr(module, _MASK)
+        scores = getattr(module, _SCORES)
+        if self.mode == "topk":
+            # through abs, as the reference ranks |scores|: d|s|/ds = sign(s)
+            return _TopK.apply(scores.abs(), self.density)
+        p = torch.sigmoid(scores)
+        if module.training or self.eval_mask == "sampled":
+            u = torch.rand(p.shape, device=p.device, generator=self.generator)
+            m = (u < p).to(p.dtype) + p - p.detach()  # straight-through
+        else:
+            m = p
+        if self.rescale:
+            kept = m.detach().sum().clamp_min(1.0)
+            m = m * (m.numel() / kept)
+        return m
+
+    # public ------------------------------------------------------------------
+    @property
+    def scores(self) -> dict[str, nn.Parameter]:
+        return {n: getattr(m, _SCORES) for n, m in self.modules.items() if hasattr(m, _SCORES)}
+
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    def set_mask(self, mask: Mask) -> None:
+        """Replace the fixed masks (mode ``fixed``); layers the mask does not name are dense."""
+        self._need_attached()
+        if self.mode != "fixed":
+            raise UsageError(
+                f"set_mask needs a fixed mask; this handle learns scores ({self.mode})"
+            )
+        unknown = [k for k in mask.names() if k not in self.modules]
+        if unknown:
+            raise UsageError(f"mask names weights the model does not mask: {', '.join(unknown)}")
+        for name, module in self.modules.items():
+            w = module.weight
+            m = mask[name] if name in mask else torch.ones(w.shape, dtype=torch.bool)
+            if tuple(m.shape) != tuple(w.shape):
+                raise UsageError(f"mask for {name} has shape {tuple(m.shape)}, weight {w.shape}")
+            getattr(module, _MASK).copy_(m.to(device=w.device, dtype=w.dtype))
+        self._override = None
+
+    def set_factors(self, factors: dict[str, Tensor] | None) -> None:
+        """Multiply each layer by these tensors instead (they may carry gradients); None: undo."""
+        self._need_attached()
+        if factors is not None and sorted(factors) != sorted(self.modules):
+            raise UsageError("set_factors needs one tensor per masked layer")
+        self._override = factors
+
+    @torch.no_grad()
+    def current_mask(self) -> Mask:
+        """The mask in use now; for scores, the thresholded one (sigmoid(s) > 0.5 for bernoulli)."""
+        self._need_attached()
+        out = {}
+        for name, module in self.modules.items():
+            if self.mode == "fixed":
+                out[name] = getattr(module, _MASK) != 0
+            elif self.mode == "topk":
+                out[name] = topk_mask(getattr(module, _SCORES), self.density)
+            else:
+                out[name] = getattr(module, _SCORES) > 0
+        return Mask({k: v.cpu() for k, v in out.items()})
+
+    def expected_density(self) -> float:
+        """Bernoulli: the mean keep probability over all masked weights; else the mask's density."""
+        if self.mode != "bernoulli":
+            return self.current_mask().density()
+        with torch.no_grad():
+            total = sum(float(torch.sigmoid(s).sum()) for s in self.scores.values())
+        return total / sum(s.numel() for s in self.scores.values())
+
+    @torch.no_grad()
+    def detach(self, bake: bool = False) -> nn.Module:
+        """Remove the forward mask; ``bake`` writes weight * mask into the weights."""
+        self._need_attached()
+        mask = self.current_mask() if bake else None
+        for name, module in self.modules.items():
+            w = module.weight
+            if bake:
+                w.mul_(mask[name].to(device=w.device, dtype=w.dtype))
+            for attr in ("forward", "_fmask_handle", "_fmask_name"):
+                module.__dict__.pop(attr, None)
+            for attr in (_MASK, _SCORES):
+                module._buffers.pop(attr, None)
+                module._parameters.pop(attr, None)
+        self._attached = False
+        self._override = None
+        return self.model
+
+    def _need_attached(self) -> None:
+        if not self._attached:
+            raise UsageError("this forward mask has been detached")
+
+    def __enter__(self) -> MaskedWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._attached:
+            self.detach(bake=False)
+
+
+def score_init(weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Edge-popup's score init: kaiming uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), ...)."""
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+    bound = 1.0 / math.sqrt(fan_in)
+    draw = torch.empty(weight.shape, dtype=weight.dtype)
+    draw.uniform_(-bound, bound, generator=generator)
+    return draw.to(weight.device)
+
+
+def attach(
+    model: nn.Module,
+    mask: Mask | None = None,
+    scores: dict[str, Tensor] | None = None,
+    *,
+    mode: str | None = None,
+    density: float = 0.5,
+    eval_mask: str = "expected",
+    rescale: bool = False,
+    names: list[str] | None = None,
+) -> MaskedWeights:
+    """Make every prunable weight (or those in ``names``) compute as ``weight * m`` in forward.
+
+    With ``mask`` (or nothing: all ones), ``m`` is that fixed boolean mask. With
+    ``scores`` (one tensor per masked weight, same shapes), ``m`` is learned:
+    ``mode="topk"`` (the default with scores) or ``"bernoulli"``; the scores
+    become trainable parameters ``<layer>.weight_scores``.
+    """
+    mode = mode or ("fixed" if scores is None else "topk")
+    if mode not in MODES:
+        raise UsageError(f"unknown forward-mask mode '{mode}'; choose from: {', '.join(MODES)}")
+    if mode == "fixed" and scores is not None:
+        raise UsageError("scores need mode topk or bernoulli")
+    if mode != "fixed" and (scores is None or mask is not None):
+        raise UsageError(f"mode {mode} needs scores (and no fixed mask)")
+    if eval_mask not in ("expected", "sampled"):
+        raise UsageError(f"eval mask must be expected or sampled; got {eval_mask!r}")
+    if not 0.0 < density <= 1.0:
+        raise UsageError(f"density must be in (0, 1]; got {density}")
+    weights = prunable_weights(model)
+    if names is not None:
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise UsageError(f"not prunable weights: {', '.join(missing)}")
+        weights = {n: weights[n] for n in names}
+    if scores is not None:
+        if sorted(scores) != sorted(weights):
+            raise UsageError("scores must name exactly the masked weights")
+    modules = dict(model.named_modules())
+    handle = MaskedWeights(model, mode, density, eval_mask, rescale)
+    for name, w in weights.items():
+        module = modules[name.rsplit(".", 1)[0] if "." in name else ""]
+        if "forward" in module.__dict__ or hasattr(module, _MASK) or hasattr(module, _SCORES):
+            raise UsageError(f"{name} already has a forward mask or its own forward")
+        if mode == "fixed":
+            module.register_buffer(
+                _MASK, torch.ones(w.shape, dtype=w.dtype, device=w.device), persistent=False
+            )
+        else:
+            s = scores[name]
+            if tuple(s.shape) != tuple(w.shape):
+                raise UsageError(f"scores for {name} have shape {tuple(s.shape)}, weight {w.shape}")
+            param = nn.Parameter(s.detach().to(device=w.device, dtype=w.dtype).clone())
+            module.register_parameter(_SCORES, param)
+        handle.modules[name] = module
+        # a bound method (not a closure) so that deepcopy rebinds it to the copy
+        fwd = _linear_forward if isinstance(module, nn.Linear) else _conv_forward
+        module._fmask_handle, module._fmask_name = handle, name
+        module.forward = types.MethodType(fwd, module)
+    handle._attached = True
+    if mode == "fixed" and mask is not None:
+        handle.set_mask(mask)
+    return handle
+
+
+__all__ = ["MODES", "MaskedWeights", "attach", "kept_count", "score_init", "topk_mask"]

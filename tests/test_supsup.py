@@ -1,0 +1,69 @@
+"""SupSup: earlier tasks keep their accuracy; the task id is inferred on an easy case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ticketlab as tl
+from ticketlab.cli import main
+from ticketlab.errors import UsageError
+from ticketlab.methods.supsup import SupsupExperiment, SupsupSpec, make_task
+from ticketlab.runs import read_csv
+
+
+def easy(n, seed):
+    """Class c lights up features 4c..4c+3 of 32; a permuted task moves them elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    x = 0.3 * torch.randn(n, 32, generator=gen)
+    x[:, :16] += 3.0 * torch.nn.functional.one_hot(y, 4).repeat_interleave(4, dim=1)
+    return x, y
+
+
+def easy_data():
+    x, y = easy(2000, 0)
+    xt, yt = easy(512, 1)
+    return tl.data.from_tensors(x, y, xt, yt, val_size=200, name="easy")
+
+
+def test_earlier_tasks_unchanged_and_inference(tmp_path):
+    spec = SupsupSpec(
+        model="mlp_128_128", tasks=3, steps="150it", eval_every="150it", optimizer="adam",
+        lr=0.01, batch_size=100, runs_dir=str(tmp_path), quiet=True,
+    )  # fmt: skip
+    exp = SupsupExperiment(spec, data=easy_data())
+    rows = exp.run()
+    given = {
+        (r["level"], r["eval_task"]): r["test_accuracy"]
+        for r in rows
+        if r["variant"] == "task-given"
+    }
+    assert given[(0, 0)] > 0.6  # chance is 0.25
+    for level in (1, 2):
+        assert given[(level, 0)] == given[(0, 0)]  # task 1 untouched by later tasks
+    assert given[(2, 1)] == given[(1, 1)]
+    inferred = [r for r in rows if r["variant"] == "task-inferred"]
+    assert [r["level"] for r in inferred] == [0, 1, 2]
+    assert inferred[-1]["inference_accuracy"] >= 0.9
+    csv = read_csv(exp.dir / "results.csv")
+    assert {"trained_task", "eval_task", "inference_accuracy"} <= set(csv[0])
+    # rerunning reuses every finished task
+    assert SupsupExperiment(spec, data=easy_data()).run() == rows
+
+
+def test_split_tasks_and_bad_input(tmp_path):
+    data = easy_data()
+    task = make_task(data, "split", 1, 0)
+    assert task.num_classes == 2 and set(task.y_test.tolist()) <= {0, 1}
+    assert len(task.y_test) == int(((data.y_test == 2) | (data.y_test == 3)).sum())
+    with pytest.raises(UsageError):
+        SupsupExperiment(
+            SupsupSpec(model="mlp_8", tasks=3, task_kind="split", runs_dir=str(tmp_path)), data=data
+        )
+    with pytest.raises(UsageError):
+        SupsupSpec(task_kind="rotated")
+    args = ["supsup", "--dataset", "xor", "--model", "mlp_8", "--steps", "5it", "--quiet"]
+    assert main(args + ["--tasks", "0", "--runs-dir", str(tmp_path / "bad")]) == 2
+    assert main(args + ["--model", "vgg11", "--runs-dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
