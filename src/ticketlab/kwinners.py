@@ -84,6 +84,43 @@ class KWinners(nn.Module):
         return x * win
 
 
+def kwinners_factory(
+    fraction: float,
+    inference_factor: float = 1.5,
+    beta: float = 1.0,
+    beta_decay: float = 0.9,
+    duty_period: int = 1000,
+):
+    """An activation factory for :func:`ticketlab.models.build`: a :class:`KWinners` per
+    layer keeping ``fraction`` of its units (at least 1), and ``inference_factor`` times as
+    many (at most all) in eval mode."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise UsageError(f"k-winners fraction must be in (0, 1]; got {fraction}")
+    if not (isinstance(inference_factor, (int, float)) and inference_factor >= 1):
+        raise UsageError(f"k-winners inference factor must be >= 1; got {inference_factor}")
+
+    def make(shape: tuple) -> KWinners:
+        n = math.prod(shape)
+        k = max(1, min(n, round(fraction * n)))
+        k_inf = max(1, min(n, round(inference_factor * k)))
+        return KWinners(n, k, k_inf, beta, beta_decay, duty_period)
+
+    return make
+
+
+class BoostDecay:
+    """Training-loop callback: decays the boost strength of every KWinners once per epoch."""
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, KWinners):
+                m.decay_boost()
+
+
 @torch.no_grad()
 def noise_robustness(
     model: nn.Module,
@@ -105,4 +142,4 @@ def noise_robustness(
     return out
 
 
-__all__ = ["KWinners", "noise_robustness"]
+__all__ = ["BoostDecay", "KWinners", "kwinners_factory", "noise_robustness"]

@@ -10,17 +10,45 @@ each of the 4 others is <= 0.1 (:class:`EarlyBirdDetector`). A channel mask
 expands to weight masks of the convolutions that feed the BN layers
 (:func:`expand_channel_mask`). :class:`EarlyBirdWatch` runs the detector in
 the training loop.
+
+:class:`EarlyBirdExperiment` (``ticketlab early-bird``) puts them together: per
+replicate, the search (level 0, variant ``search``) trains the dense network
+with the L1 penalty and the watch, and stops at the draw; the ticket (level 1,
+variant ``ticket``) is the pruned network retrained for the full budget from the
+drawing-epoch weights (``retrain_from="draw"``) or from the initialisation
+(``"init"``). Channel tickets keep the pruned channels' BN scale and shift at
+zero throughout retraining. When no ticket is drawn within the budget the
+search's row says ``ticket_drawn=False`` and there is no ticket row.
+
+Training cost counts 3 forward passes (forward + backward) per example and
+step, with forward multiply-adds from :func:`ticketlab.methods.dst.layer_macs`
+at the weight mask's per-layer density (the dense search at density 1; a
+pruned channel's removed inputs to the next layer are not discounted, so the
+ticket's cost is an upper bound). The lottery pipeline it is compared with
+trains ``levels + 1`` levels (dense level 0 included) for the full budget each,
+level l at per-layer density ``(1 - f_layer)^l`` with the spec's per-layer
+pruning fractions. ``flops_saved_vs_lottery = 1 - train_flops / lottery``.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..masks import Mask
+from ..masks import Mask, model_density
+from ..protocols import rewind, snapshot
+from ..runs import RESULT_COLUMNS, write_csv, write_json
+from ..spec import Spec
+from ..train import train
+from .lottery import Experiment, collect_results, save_state
+
+MASK_KINDS = ("channel", "weight")
+RETRAIN_FROM = ("draw", "init")
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -166,8 +194,218 @@ class EarlyBirdWatch:
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class ChannelKeeper:
+    """Training-loop callback: keeps the pruned channels' BN scale and shift at zero."""
+
+    def __init__(self, channels: dict[str, torch.Tensor]):
+        self.channels = channels
+
+    def after_step(self, step: int, model, optimizer, keeper, x, y) -> None:
+        apply_channel_mask(model, self.channels)
+
+
+class _Drawn(Exception):
+    """Raised from the training loop to end the search at the draw."""
+
+
+class _StopAtDraw:
+    def __init__(self, watch: EarlyBirdWatch):
+        self.watch = watch
+
+    def after_step(self, step: int, model, optimizer, keeper, x, y) -> None:
+        if self.watch.drawn is not None:
+            raise _Drawn
+
+
+@dataclass(frozen=True)
+class EarlyBirdSpec(Spec):
+    """Knobs of ``ticketlab early-bird`` on top of :class:`Spec`.
+
+    ``ratio`` is the pruning ratio p; ``l1`` the L1 strength s on the BN scales;
+    ``keep`` and ``distance`` the FIFO length and the draw threshold.
+    """
+
+    method: str = "early-bird"
+    ratio: float = 0.5
+    l1: float = 1e-4
+    retrain_from: str = "draw"
+    mask_kind: str = "channel"
+    keep: int = 5
+    distance: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
+            raise UsageError(f"ratio must be in (0, 1); got {r}")
+        if isinstance(self.l1, bool) or not isinstance(self.l1, (int, float)) or not self.l1 >= 0:
+            raise UsageError(f"l1 must be >= 0; got {self.l1}")
+        if self.retrain_from not in RETRAIN_FROM:
+            choices = ", ".join(RETRAIN_FROM)
+            raise UsageError(f"unknown retrain-from '{self.retrain_from}'; choose from: {choices}")
+        if self.mask_kind not in MASK_KINDS:
+            raise UsageError(
+                f"unknown mask kind '{self.mask_kind}'; choose from: {', '.join(MASK_KINDS)}"
+            )
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 2:
+            raise UsageError(f"keep must be a whole number >= 2; got {self.keep}")
+        d = self.distance
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1:
+            raise UsageError(f"distance must be in [0, 1]; got {d}")
+
+
+class EarlyBirdExperiment(Experiment):
+    """Early-bird search and retraining bound to ``<runs-dir>/early-bird-<hash12>``."""
+
+    def __init__(self, spec: EarlyBirdSpec, data=None, model_fn=None, model_id=None):
+        super().__init__(spec, data=data, model_fn=model_fn, model_id=model_id)
+        from .dst import layer_macs
+
+        probe = self.model_fn(0)
+        if spec.mask_kind == "channel" and not bn_layers(probe):
+            raise UsageError(f"model '{spec.model}' has no BatchNorm layers for channel masks")
+        self.macs = layer_macs(probe, self.data.input_shape)
+
+    def _cost(self, steps: int, densities: dict[str, float] | None) -> float:
+        from .dst import forward_flops
+
+        return 3.0 * forward_flops(self.macs, densities) * steps * self.spec.batch_size
+
+    def lottery_flops(self) -> float:
+        """Training FLOPs of IMP with ``levels`` levels after the dense one, full budget each."""
+        return sum(
+            self._cost(self.res.steps, {n: (1 - f) ** lv for n, f in self.fractions.items()})
+            for lv in range(self.spec.levels + 1)
+        )
+
+    def _row(self, r: int, level: int, variant: str, model, mask: Mask, metrics, **extra):
+        spec = self.spec
+        return {
+            "method": spec.method,
+            "replicate": r,
+            "level": level,
+            "variant": variant,
+            "density": mask.density(),
+            "density_all": model_density(model),
+            **metrics,
+            "retrain_from": spec.retrain_from,
+            "mask_kind": spec.mask_kind,
+            "ratio": spec.ratio,
+            **extra,
+            "status": "done",
+        }
+
+    def _replicate(self, r: int, levels: int, progress) -> None:
+        spec, res = self.spec, self.res
+        rdir = self.dir / f"replicate-{r}"
+        sdir, tdir = rdir / "level-0" / "search", rdir / "level-1" / "ticket"
+        if (sdir / "result.json").exists() and (
+            (tdir / "result.json").exists() or not _drawn(sdir)
+        ):
+            return
+        # the watch keeps its masks in memory, so a half-done replicate starts again
+        for d in (sdir, tdir):
+            d.mkdir(parents=True, exist_ok=True)
+            for stale in ("checkpoint.safetensors", "result.json"):
+                (d / stale).unlink(missing_ok=True)
+        model = self.model_fn(self.seed(r, "init"))
+        init_state = snapshot(model)
+        dense = Mask.dense(model)
+        watch = EarlyBirdWatch(
+            self.spe, spec.ratio, spec.keep, spec.distance, spec.mask_kind == "weight"
+        )
+        callbacks = [BNL1Penalty(spec.l1), watch, _StopAtDraw(watch)]
+        try:
+            metrics = train(
+                model,
+                self.data,
+                spec,
+                dense,
+                data_seed=self.seed(r, "data"),
+                aug_seed=self.seed(r, "aug"),
+                progress=progress,
+                label=f"rep {r} early-bird search",
+                callbacks=callbacks,
+            )
+        except _Drawn:
+            metrics = {}
+        lottery = self.lottery_flops()
+        if watch.drawn is None:
+            cost = self._cost(res.steps, None)
+            print(
+                f"early-bird: no ticket drawn within {res.steps} steps "
+                f"({res.steps // self.spe} epochs) in replicate {r}",
+                file=sys.stderr,
+            )
+            row = self._row(
+                r, 0, "search", model, dense, metrics,
+                draw_epoch=None, ticket_drawn=False, train_flops=cost,
+                lottery_train_flops=lottery, flops_saved_vs_lottery=1 - cost / lottery,
+                max_distance=max(watch.detector.distances, default=None),
+            )  # fmt: skip
+            write_json(sdir / "result.json", row)
+            write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+            return
+        search_steps = watch.drawn * self.spe
+        search_cost = self._cost(search_steps, None)
+        if spec.mask_kind == "channel":
+            channels = watch.mask
+            mask = expand_channel_mask(model, channels)
+            extra_cb = [ChannelKeeper(channels)]
+            save_state(sdir / "channels.safetensors", channels)
+        else:
+            mask, channels, extra_cb = Mask(dict(watch.mask)), None, []
+        mask.save(sdir / "mask.safetensors")
+        save_state(sdir / "weights_draw.safetensors", watch.state)
+        write_json(
+            sdir / "result.json",
+            self._row(
+                r, 0, "search", model, dense, {"steps": search_steps},
+                draw_epoch=watch.drawn, ticket_drawn=True, train_flops=search_cost,
+                max_distance=max(watch.detector.distances),
+            ),
+        )  # fmt: skip
+        start = watch.state if spec.retrain_from == "draw" else init_state
+        rewind(model, start, mask)
+        if channels is not None:
+            apply_channel_mask(model, channels)
+        mask.save(tdir / "mask.safetensors")
+        save_state(tdir / "weights_start.safetensors", snapshot(model))
+        metrics = train(
+            model,
+            self.data,
+            spec,
+            mask,
+            data_seed=self.seed(r, "data"),
+            aug_seed=self.seed(r, "aug"),
+            workdir=tdir,
+            progress=progress,
+            label=f"rep {r} early-bird ticket ({100 * mask.density():.1f}%)",
+            callbacks=extra_cb,
+        )
+        save_state(tdir / "weights_end.safetensors", snapshot(model))
+        cost = search_cost + self._cost(res.steps, mask.layer_density())
+        row = self._row(
+            r, 1, "ticket", model, mask, metrics,
+            draw_epoch=watch.drawn, ticket_drawn=True, train_flops=cost,
+            lottery_train_flops=lottery, flops_saved_vs_lottery=1 - cost / lottery,
+        )  # fmt: skip
+        write_json(tdir / "result.json", row)
+        (tdir / "checkpoint.safetensors").unlink(missing_ok=True)
+        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+
+def _drawn(sdir) -> bool:
+    from ..runs import read_json
+
+    return bool(read_json(sdir / "result.json").get("ticket_drawn"))
+
+
 __all__ = [
     "BNL1Penalty",
+    "ChannelKeeper",
+    "EarlyBirdExperiment",
+    "EarlyBirdSpec",
     "EarlyBirdDetector",
     "EarlyBirdWatch",
     "apply_channel_mask",

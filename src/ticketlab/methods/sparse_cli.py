@@ -1,4 +1,6 @@
-"""Subcommands of sparse training from scratch: ``ticketlab dst`` (static, SET, RigL)."""
+"""Subcommands of sparse training: ``ticketlab dst`` (static, SET, RigL), ``ticketlab
+early-bird`` (You et al. 2020) and ``ticketlab noise`` (sparse weights and k-winners
+under input noise, Ahmad & Scheinkman 2019)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,42 @@ def add_parsers(sub, common, lottery_flags) -> None:
         help="keep the first layer dense",
     )
     p.set_defaults(handler=run_dst)
+    _add_early_bird(sub, common, lottery_flags)
+    _add_noise(sub, common)
+
+
+def _add_early_bird(sub, common, lottery_flags) -> None:
+    p = sub.add_parser(
+        "early-bird",
+        help="early-bird tickets: draw a channel mask during training, then retrain (You 2020)",
+    )
+    common(p)
+    lottery_flags(p)  # --levels etc.: the lottery pipeline the FLOPs are compared with
+    g = p.add_argument_group("early-bird")
+    g.add_argument("--ratio", type=float, help="pruning ratio p of channels/weights (0.5)")
+    g.add_argument("--l1", type=float, help="L1 strength s on the BN scales (1e-4)")
+    g.add_argument("--retrain-from", help="draw or init: what the ticket starts from (draw)")
+    g.add_argument("--mask-kind", help="channel (structured) or weight (unstructured)")
+    g.add_argument("--keep", type=int, help="masks in the FIFO (5)")
+    g.add_argument("--distance", type=float, help="draw when all distances are <= this (0.1)")
+    p.set_defaults(handler=run_early_bird)
+
+
+def _add_noise(sub, common) -> None:
+    p = sub.add_parser(
+        "noise",
+        help="noise robustness of dense, sparse and sparse + k-winners networks (Ahmad 2019)",
+    )
+    common(p)
+    g = p.add_argument_group("noise robustness")
+    g.add_argument("--density", type=float, help="fraction of weights kept, in (0, 1) (0.5)")
+    g.add_argument("--distribution", help="uniform, er or erk (default erk)")
+    g.add_argument("--kwinners", type=float, help="fraction k/n of units kept (0.25)")
+    g.add_argument("--kwinners-inference", type=float, help="factor on k at evaluation (1.5)")
+    g.add_argument("--boost-strength", type=float, help="k-winners boost strength beta (1.5)")
+    g.add_argument("--boost-decay", type=float, help="factor on beta after each epoch (0.9)")
+    g.add_argument("--noise", help="Gaussian noise scales, comma-separated (0,0.1,0.2,0.4,0.8)")
+    p.set_defaults(handler=run_noise)
 
 
 def run_dst(args: argparse.Namespace) -> int:
@@ -41,3 +79,19 @@ def run_dst(args: argparse.Namespace) -> int:
     from .dst import DSTExperiment, DSTSpec
 
     return run_experiment(spec_from_args(args, "dst", DSTSpec), DSTExperiment)
+
+
+def run_early_bird(args: argparse.Namespace) -> int:
+    from ..cli import run_experiment, spec_from_args
+    from .early_bird import EarlyBirdExperiment, EarlyBirdSpec
+
+    return run_experiment(spec_from_args(args, "early-bird", EarlyBirdSpec), EarlyBirdExperiment)
+
+
+def run_noise(args: argparse.Namespace) -> int:
+    from ..cli import run_experiment, spec_from_args
+    from .noise import NoiseExperiment, NoiseSpec, parse_scales
+
+    if args.noise is not None:
+        args.noise = parse_scales(args.noise)
+    return run_experiment(spec_from_args(args, "noise", NoiseSpec), NoiseExperiment)

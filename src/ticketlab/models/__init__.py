@@ -38,7 +38,8 @@ Scale = Callable[[int], int]
 class ModelEntry:
     description: str
     needs_image: bool
-    make: Callable[[tuple, int, Scale], nn.Module]  # (input_shape, num_classes, scale)
+    # (input_shape, num_classes, scale, activation factory or None)
+    make: Callable[..., nn.Module]
 
 
 def _conv(name: str) -> ModelEntry:
@@ -47,7 +48,9 @@ def _conv(name: str) -> ModelEntry:
         f"{name}: {len(filters)} conv ({','.join(map(str, filters))}) + FC 256-256, "
         "Frankle & Carbin 2019",
         True,
-        lambda s, k, sc: ConvNet(s, k, [sc(f) for f in filters], [sc(f) for f in CONV_FC]),
+        lambda s, k, sc, act=None: ConvNet(
+            s, k, [sc(f) for f in filters], [sc(f) for f in CONV_FC], act
+        ),
     )
 
 
@@ -57,7 +60,7 @@ def _vgg(name: str) -> ModelEntry:
     return ModelEntry(
         f"{name}: {n_conv} conv3x3-BN-ReLU + global avg pool + FC, CIFAR VGG (OpenLTH)",
         True,
-        lambda s, k, sc: VGG(s, k, [v if v == "M" else sc(v) for v in cfg]),
+        lambda s, k, sc, act=None: VGG(s, k, [v if v == "M" else sc(v) for v in cfg], act),
     )
 
 
@@ -66,12 +69,21 @@ def _resnet(depth: int) -> ModelEntry:
     return ModelEntry(
         f"resnet{depth}: CIFAR ResNet, 3 stages x {n} basic blocks (16,32,64), He et al. 2016",
         True,
-        lambda s, k, sc: ResNet(s, k, n, [sc(16), sc(32), sc(64)]),
+        lambda s, k, sc, act=None: (
+            _no_activation(f"resnet{depth}", act) or ResNet(s, k, n, [sc(16), sc(32), sc(64)])
+        ),
     )
 
 
+def _no_activation(name: str, act) -> None:
+    if act is not None:
+        raise UsageError(f"model '{name}' does not take a custom activation")
+
+
 def _mlp(hidden: list[int], description: str) -> ModelEntry:
-    return ModelEntry(description, False, lambda s, k, sc: MLP(s, k, [sc(h) for h in hidden]))
+    return ModelEntry(
+        description, False, lambda s, k, sc, act=None: MLP(s, k, [sc(h) for h in hidden], act)
+    )
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -129,16 +141,26 @@ def build(
     width: float = 1.0,
     init: str = "kaiming_normal",
     seed: int = 0,
+    activation: Callable[[tuple], nn.Module] | None = None,
 ) -> nn.Module:
     """Build model `name` for inputs of `input_shape` (no batch dim), initialised from `seed`.
 
     The same arguments give bit-identical weights, and the global RNG is left untouched.
+    ``activation`` is None (ReLU) or a factory ``fn(shape_of_layer_output) -> nn.Module``
+    (shape without the batch dim) that replaces each hidden ReLU (not in ResNets); the
+    parameter names and initial weights do not depend on it.
     """
+    if activation is not None and not callable(activation):
+        raise UsageError(f"activation must be None or a factory of modules; got {activation!r}")
     shape = check(name, input_shape, num_classes, width)
     canonical_init(init)  # fail on a bad init before spending time on construction
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # construction's default init is overwritten; seed it anyway
-        model = _entry(name).make(shape, num_classes, _scale(width))
+        entry = _entry(name)
+        if activation is None:
+            model = entry.make(shape, num_classes, _scale(width))
+        else:
+            model = entry.make(shape, num_classes, _scale(width), activation)
     initialize(model, init, torch.Generator().manual_seed(seed))
     model.model_name = name
     return model

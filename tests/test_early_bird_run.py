@@ -1,0 +1,86 @@
+"""``ticketlab early-bird`` end to end on a tiny BN model and tiny image data."""
+
+import csv
+
+import pytest
+import torch
+
+import ticketlab.methods.lottery as lottery_mod
+from ticketlab.cli import main
+from ticketlab.data import from_tensors
+from ticketlab.masks import Mask
+from ticketlab.methods.early_bird import bn_layers
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 1, 12, 12, generator=g)
+    y = (x[:, 0, :6].mean((1, 2)) > 0).long()
+    data = from_tensors(x[:256], y[:256], x[256:], y[256:], val_size=32, name="tiny")
+    monkeypatch.setattr(lottery_mod, "load_data", lambda *a, **k: data)
+    return data
+
+
+BASE = ["--model", "vgg11", "--width", "0.125", "--batch-size", "32", "--lr", "0.05"]
+BASE += ["--momentum", "0.9", "--quiet"]
+
+
+def rows_of(runs):
+    (path,) = runs.glob("early-bird-*/results.csv")
+    return list(csv.DictReader(path.open()))
+
+
+@pytest.mark.parametrize(
+    "kind, start", [("channel", "draw"), ("weight", "init")], ids=["channel", "weight"]
+)
+def test_draw_prune_retrain(tiny, tmp_path, kind, start):
+    args = ["early-bird", *BASE, "--steps", "12ep", "--eval-every", "4ep", "--mask-kind", kind]
+    args += ["--retrain-from", start, "--runs-dir", str(tmp_path)]
+    assert main(args) == 0
+    search, ticket = rows_of(tmp_path)
+    assert (search["variant"], ticket["variant"]) == ("search", "ticket")
+    assert search["ticket_drawn"] == ticket["ticket_drawn"] == "True"
+    epoch = int(ticket["draw_epoch"])
+    assert 5 <= epoch <= 12  # the FIFO needs 5 masks
+    assert int(search["steps"]) == epoch * 7  # 224 examples / 32: the search ends at the draw
+    assert ticket["retrain_from"] == start and float(ticket["density"]) < 1
+    assert float(search["max_distance"]) <= 0.1
+    assert 0 < float(ticket["flops_saved_vs_lottery"]) < 1
+    assert float(ticket["train_flops"]) > float(search["train_flops"])
+    tdir = next(tmp_path.glob("early-bird-*/replicate-0/level-1/ticket"))
+    mask = Mask.load(tdir / "mask.safetensors")
+    assert abs(mask.density() - float(ticket["density"])) < 1e-4
+    if kind == "channel":  # whole output channels pruned, their BN scale and shift zero
+        from safetensors.torch import load_file
+
+        from ticketlab.models import build
+
+        w = load_file(str(tdir / "weights_end.safetensors"))
+        model = build("vgg11", (1, 12, 12), 2, 0.125)
+        for name in bn_layers(model):
+            conv = f"features.{int(name.split('.')[1]) - 1}.weight"
+            rows = mask[conv].flatten(1).any(1)
+            assert torch.all(w[f"{name}.weight"][~rows] == 0)
+            assert torch.all(w[f"{name}.bias"][~rows] == 0)
+        assert not all(mask[n].flatten(1).any(1).all() for n in mask.names()[:-1])
+
+
+def test_no_draw_exits_zero(tiny, tmp_path, capsys):
+    args = ["early-bird", *BASE, "--steps", "2ep", "--eval-every", "2ep"]
+    assert main([*args, "--runs-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no ticket drawn" in err[0]
+    (row,) = rows_of(tmp_path)
+    assert row["ticket_drawn"] == "False" and row["draw_epoch"] == ""
+    assert row["test_accuracy"] != "" and float(row["flops_saved_vs_lottery"]) > 0
+
+
+def test_bad_input(tiny, tmp_path):
+    base = ["early-bird", *BASE, "--runs-dir", str(tmp_path)]
+    assert main([*base, "--ratio", "1.5"]) == 2
+    assert main([*base, "--retrain-from", "rewind"]) == 2
+    assert main([*base, "--mask-kind", "filter"]) == 2
+    assert main([*base, "--l1", "-1"]) == 2
+    assert main([*base, "--model", "lenet_300_100"]) == 2  # no BatchNorm
+    assert not list(tmp_path.iterdir())
