@@ -216,38 +216,11 @@ def cmd_list(what: str) -> int:
             ]
         elif section == "presets":
             rows = describe_presets()
-        else:
+        else:  # every subcommand that runs or analyses experiments, from the parser itself
             rows = [
-                {"name": "lottery", "description": "iterative magnitude pruning with rewinding"},
-                {"name": "train", "description": "dense baseline"},
-                {
-                    "name": "prune",
-                    "description": "one-shot pruning at init or after training, "
-                    "by any criterion, then training",
-                },
-                {
-                    "name": "stability",
-                    "description": "linear mode connectivity of two copies "
-                    "trained from a rewind point (Frankle et al. 2020)",
-                },
-                {
-                    "name": "supermask",
-                    "description": "learn a mask over frozen random weights "
-                    "(edge-popup, Bernoulli; same-sign masks without training)",
-                },
-                {"name": "bn-only", "description": "train only BatchNorm scales and shifts"},
-                {
-                    "name": "supsup",
-                    "description": "one supermask per task over shared random "
-                    "weights, with task inference",
-                },
-                {"name": "dst", "description": "sparse training from scratch: static, SET, RigL"},
-                {"name": "report", "description": "figures and report.html from run directories"},
-                {"name": "compare", "description": "mask overlap (Jaccard, Hamming) and signs"},
-                {
-                    "name": "layer-reinit",
-                    "description": "re-initialise one layer at a time (Zhang et al. 2019)",
-                },
+                {"name": a.dest, "description": a.help}
+                for a in _subcommands()
+                if a.dest not in ("list", "show")
             ]
         if section == "presets":
             for row in rows:
@@ -263,6 +236,12 @@ def cmd_list(what: str) -> int:
             table.add_row(*[_show(row.get(c)) for c in cols])
         console.print(table)
     return 0
+
+
+def _subcommands() -> list:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub._choices_actions)
 
 
 def _show(v) -> str:
