@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..masks import Mask
 from ..protocols import snapshot
 from ..pruning.allocation import ALLOCATIONS, canonical_allocation, select
-from ..pruning.criteria import CRITERIA, Context, needs_trained
+from ..pruning.criteria import CRITERIA, Context, compensate_bias, needs_trained
 from ..spec import Spec
 from .lottery import Experiment, load_state, save_state
 
@@ -81,6 +81,11 @@ class PruneSpec(Spec):
                 raise UsageError(f"{name.replace('_', '-')} must be >= 1")
         if self.hessian_probes < 1:
             raise UsageError("hessian-probes must be >= 1")
+        if getattr(CRITERIA[self.criterion], "needs_training", False):
+            raise UsageError(
+                f"criterion '{self.criterion}' is accumulated during training; "
+                "use ticketlab gradual"
+            )
         if self.score_batch_size is not None and self.score_batch_size < 1:
             raise UsageError("score-batch-size must be >= 1")
         if self.grasp_temperature <= 0:
@@ -130,10 +135,23 @@ class PruneExperiment(Experiment):
         )
 
     def score_mask(self, model: nn.Module, r: int, init_state: dict) -> Mask:
+        """The pruned mask; with ``variance`` the input means are kept in ``self.means``."""
         spec = self.spec
         dense = Mask.dense(model)
-        scores = CRITERIA[spec.criterion](model, dense, self.context(r, init_state))
+        ctx = self.context(r, init_state)
+        scores = CRITERIA[spec.criterion](model, dense, ctx)
+        self.means = ctx.options.get("input_means")
         return select(scores, dense, spec.density, spec.allocation, spec.dense_layers, model=model)
+
+    def compensated(self, model: nn.Module, start: dict, mask: Mask) -> dict:
+        """``start`` with the removed weights' mean contributions moved into the biases
+        (criterion ``variance``: :func:`~ticketlab.pruning.criteria.compensate_bias`)."""
+        scored = snapshot(model)
+        model.load_state_dict(start)
+        compensate_bias(model, Mask.dense(model), mask, self.means)
+        out = snapshot(model)
+        model.load_state_dict(scored)
+        return out
 
     def _replicate(self, r: int, levels: int, progress) -> None:
         spec, res = self.spec, self.res
@@ -171,7 +189,14 @@ class PruneExperiment(Experiment):
         if (vdir / "result.json").exists():
             return
         mask_path = vdir / "mask.safetensors"
-        mask = Mask.load(mask_path) if mask_path.exists() else self.score_mask(model, r, init_state)
+        if mask_path.exists():
+            mask = Mask.load(mask_path)
+            if spec.criterion == "variance" and (vdir / "weights_start.safetensors").exists():
+                start = load_state(vdir / "weights_start.safetensors")  # compensated already
+        else:
+            mask = self.score_mask(model, r, init_state)
+            if spec.criterion == "variance":
+                start = self.compensated(model, start, mask)
         self._variant(model, vdir, r, 1, spec.criterion, start, mask, phase, progress=progress)
 
 

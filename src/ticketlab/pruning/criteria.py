@@ -80,13 +80,20 @@ def criterion(
 
 
 def criterion_names(method: str | None = None) -> tuple[str, ...]:
-    """Names a method accepts: all for ``prune``; otherwise (the lottery's per-level pruning,
-    which passes only a generator) those needing no data, input shape or initial weights."""
-    if method in (None, "prune"):
+    """Names a method accepts: all (None); for ``prune`` all but those accumulated during
+    training (``needs_training``: movement); for ``gradual`` the data-free ones and those;
+    otherwise (the lottery's per-level pruning, which passes only a generator) those
+    needing no data, input shape or initial weights."""
+    if method is None:
         return tuple(CRITERIA)
-    return tuple(
+    if method == "prune":
+        return tuple(k for k, f in CRITERIA.items() if not getattr(f, "needs_training", False))
+    free = tuple(
         k for k, f in CRITERIA.items() if not (f.needs_data or f.needs_trained or f.needs_input)
     )
+    if method == "gradual":  # scored during training: free ones, and those accumulated then
+        return free + tuple(k for k, f in CRITERIA.items() if getattr(f, "needs_training", False))
+    return free
 
 
 def needs_trained(name: str) -> bool:
@@ -481,3 +488,196 @@ def large_final_same_sign_scores(model: nn.Module, mask: Mask, context=None) -> 
         k: torch.where(torch.sign(final[k]) == torch.sign(init[k]), final[k].abs(), 0.0)
         for k in final
     }
+
+
+# training-time and activation-statistics criteria ------------------------------------------------
+
+
+@criterion("movement", needs_data=True)
+def movement_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """Movement pruning (Sanh et al. 2020): S = -sum_t g_t * w_t, accumulated while training.
+
+    S_ij = -sum_t (dL/dW'_ij)^(t) W_ij^(t), with W' = W * M the masked weight the
+    forward pass uses (the straight-through gradient, so pruned weights are scored
+    too and can come back); large S = moving away from zero = kept. The sum is
+    accumulated by :class:`ticketlab.methods.gradual.MovementPruner` during
+    ``ticketlab gradual --criterion movement`` and handed over as the option
+    ``movement_scores``; outside training there is nothing to score.
+    """
+    ctx = as_context(context)
+    acc = ctx.option("movement_scores", None)
+    if acc is None:
+        raise UsageError(
+            "criterion 'movement' is accumulated during training; "
+            "use ticketlab gradual --criterion movement"
+        )
+    missing = [k for k in mask.names() if k not in acc]
+    if missing:
+        raise UsageError(f"no movement scores for: {', '.join(missing)}")
+    return {k: acc[k].detach().cpu().clone() for k in mask.names()}
+
+
+movement_scores.needs_training = True
+
+
+def _modules_of(model: nn.Module, names) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    out = {}
+    for n in names:
+        m = modules[n.rsplit(".", 1)[0] if "." in n else ""]
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise UsageError(f"{n}: activation criteria support grouped convolutions not yet")
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise UsageError(f"{n}: activation criteria support Linear and Conv2d layers only")
+        out[n] = m
+    return out
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of features: (examples [x positions], in features or channels)."""
+    x = x.detach().double()
+    if isinstance(module, nn.Conv2d):
+        return x.transpose(0, 1).reshape(x.shape[1], -1).T
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def _collect(model: nn.Module, mask: Mask, ctx: Context, name: str, fn) -> dict:
+    """Run ``ctx.batches`` training minibatches (eval mode), calling ``fn(state, module, x, z)``."""
+    modules = _modules_of(model, mask.names())
+    state: dict = {n: {} for n in modules}
+    handles = []
+    for n, m in modules.items():
+
+        def hook(mod, inputs, output, n=n):
+            fn(state[n], mod, inputs[0], output)
+
+        handles.append(m.register_forward_hook(hook))
+    dev = _device(model)
+    try:
+        with _mode(model, False):
+            for x, _ in _batches(ctx, name):
+                model(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    return state
+
+
+def _add(state: dict, key: str, value: torch.Tensor) -> None:
+    state[key] = state[key] + value if key in state else value
+
+
+def input_moments(model: nn.Module, mask: Mask, context=None, name: str = "variance"):
+    """Mean and variance of each masked layer's input features over the scoring data.
+
+    Linear: per input feature, over examples; Conv2d: per input channel, over
+    examples and positions. Returns ``(means, variances)``, float64, by weight name.
+    """
+    ctx = as_context(context)
+
+    def fn(st, mod, x, z):
+        r = _rows(mod, x)
+        _add(st, "n", torch.tensor(float(r.shape[0]), dtype=torch.float64))
+        _add(st, "s", r.sum(0).cpu())
+        _add(st, "ss", (r * r).sum(0).cpu())
+
+    state = _collect(model, mask, ctx, name, fn)
+    means, variances = {}, {}
+    for n, st in state.items():
+        mean = st["s"] / st["n"]
+        means[n] = mean
+        variances[n] = (st["ss"] / st["n"] - mean * mean).clamp_min(0.0)
+    return means, variances
+
+
+def _per_input(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-input-feature (or channel) vector over a weight's shape."""
+    return v.view(1, -1, *([1] * (w.dim() - 2)))
+
+
+@criterion("variance", needs_data=True)
+def variance_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """Variance-based pruning with bias compensation: w_ij^2 Var(x_j).
+
+    The mean-squared change of unit i's pre-activation when w_ij is removed
+    and its mean contribution w_ij E[x_j] is moved into the bias
+    (:func:`compensate_bias`): E[(w_ij (x_j - E x_j))^2] = w_ij^2 Var[x_j].
+    Var over training examples (conv: over examples and positions of channel j),
+    ``context.batches`` minibatches; the means are left in the option
+    ``input_means`` of the context for the compensation.
+    """
+    ctx = as_context(context)
+    weights = _weights(model, mask)
+    means, variances = input_moments(model, mask, ctx, "variance")
+    ctx.options["input_means"] = means
+    return {
+        k: (w.detach().double().cpu() ** 2 * _per_input(w, variances[k])).float()
+        for k, w in weights.items()
+    }
+
+
+@torch.no_grad()
+def compensate_bias(model: nn.Module, old_mask: Mask, new_mask: Mask, means: dict) -> nn.Module:
+    """Move the mean contribution of removed weights into the bias: b_i += sum_j w_ij E[x_j].
+
+    Removed = kept by ``old_mask``, pruned by ``new_mask``; ``means`` are the input
+    means of :func:`input_moments` (conv: per channel, so a kernel's removed taps
+    add w * E[x_c] each; zero padding is ignored). Layers without a bias are left
+    as they are. Returns ``model`` (changed in place).
+    """
+    modules = _modules_of(model, new_mask.names())
+    for n, m in modules.items():
+        if m.bias is None or n not in means:
+            continue
+        w = m.weight.detach()
+        old = old_mask[n] if n in old_mask else torch.ones(w.shape, dtype=torch.bool)
+        removed = (old & ~new_mask[n]).to(device=w.device)
+        lost = (w.double() * removed * _per_input(w, means[n].to(w.device))).flatten(1).sum(1)
+        m.bias.add_(lost.to(m.bias.dtype))
+    return model
+
+
+@criterion("hebbian", needs_data=True)
+def hebbian_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """Hebbian: |corr(x_j, z_i)|, Pearson correlation of input j with unit i's pre-activation.
+
+    corr = cov(x_j, z_i) / (sd(x_j) sd(z_i)) over training examples (Hebb's
+    rule: units that fire together keep their connection); z = the layer's
+    output before any nonlinearity. Conv: x_j is one tap of the unfolded input
+    patch, z_i the output at that position, over examples and positions.
+    Constant inputs or units score 0. ``context.batches`` minibatches.
+    """
+    ctx = as_context(context)
+
+    def fn(st, mod, x, z):
+        if isinstance(mod, nn.Conv2d):
+            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+                raise UsageError("hebbian supports numeric zero padding only")
+            cols = F.unfold(x.detach(), mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            xr = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+            zr = z.detach().flatten(2).transpose(1, 2).reshape(-1, z.shape[1]).double()
+        else:
+            xr = x.detach().reshape(-1, x.shape[-1]).double()
+            zr = z.detach().reshape(-1, z.shape[-1]).double()
+        _add(st, "n", torch.tensor(float(xr.shape[0]), dtype=torch.float64))
+        _add(st, "x", xr.sum(0).cpu())
+        _add(st, "z", zr.sum(0).cpu())
+        _add(st, "xx", (xr * xr).sum(0).cpu())
+        _add(st, "zz", (zr * zr).sum(0).cpu())
+        _add(st, "zx", (zr.T @ xr).cpu())
+
+    weights = _weights(model, mask)
+    state = _collect(model, mask, ctx, "hebbian", fn)
+    out = {}
+    for k, w in weights.items():
+        st = state[k]
+        n = st["n"]
+        mx, mz = st["x"] / n, st["z"] / n
+        cov = st["zx"] / n - mz[:, None] * mx[None, :]
+        sx = (st["xx"] / n - mx * mx).clamp_min(0.0).sqrt()
+        sz = (st["zz"] / n - mz * mz).clamp_min(0.0).sqrt()
+        den = sz[:, None] * sx[None, :]
+        corr = torch.where(den > 0, cov / den.clamp_min(1e-300), torch.zeros_like(cov))
+        out[k] = corr.abs().clamp(max=1.0).float().view(w.shape)
+    return out
