@@ -5,6 +5,7 @@ Models are tiny (a 3-4-2 MLP), so each check is an exact autograd computation.
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -199,14 +200,34 @@ def test_trained_versus_init_criteria_by_hand():
         CRITERIA["large_final"](model, mask, Context())
 
 
-def test_data_criteria_need_data_and_lottery_accepts_only_data_free():
+def test_data_criteria_need_data_and_lottery_passes_it():
     model = tiny()
     with pytest.raises(UsageError, match="needs data"):
         CRITERIA["snip"](model, Mask.dense(model), Context())
-    for name in ("snip", "synflow", "large_final"):
-        with pytest.raises(UsageError, match="criterion"):
-            Spec(criterion=name)
-    assert Spec(criterion="random").criterion == "random"
+    # the lottery builds a context with the data, the input shape and the initial weights
+    for name in ("snip", "synflow", "large_final", "random"):
+        assert Spec(criterion=name).criterion == name
+    with pytest.raises(UsageError, match="criterion"):
+        Spec(criterion="movement")  # accumulated during training: gradual only
+    with pytest.raises(UsageError, match="criterion"):
+        Spec(method="dst", criterion="snip")  # other methods: data-free only
+
+
+def test_lottery_snip_end_to_end(tmp_path, capsys):
+    masks = {}
+    for name in ("magnitude", "snip"):
+        rc, _, err = run_cli(
+            capsys, "lottery", *XOR, "--runs-dir", tmp_path / name, "--levels", "2",
+            "--criterion", name,
+        )  # fmt: skip
+        assert rc == 0, err
+        (run,) = (tmp_path / name).iterdir()
+        rep = run / "replicate-0"
+        masks[name] = [Mask.load(rep / f"level-{k}" / "mask.safetensors") for k in (1, 2)]
+        assert len(list(csv.DictReader(open(run / "results.csv")))) == 3
+    for mag, snip in zip(masks["magnitude"], masks["snip"]):
+        assert snip.density() == pytest.approx(mag.density())
+        assert snip != mag
 
 
 # the prune command ----------------------------------------------------------------------------

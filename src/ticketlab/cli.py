@@ -86,7 +86,11 @@ def _lottery_flags(p: argparse.ArgumentParser) -> None:
         type=_list,
         help="layers left unpruned: 'first', 'output' or parameter names",
     )
-    g.add_argument("--criterion", help="magnitude (default) or random")
+    g.add_argument(
+        "--criterion",
+        help="score pruned at each level: magnitude (default), random, or a data-based one "
+        "(snip, grasp, taylor, ...; see ticketlab list criteria)",
+    )
     g.add_argument("--rewind", help="rewind step k: '0it' is the original lottery ticket")
     g.add_argument("--protocol", help="rewind, finetune or lr-rewind (Renda et al. 2020)")
     g.add_argument("--retrain-steps", help="retraining budget t for finetune and lr-rewind")

@@ -31,9 +31,10 @@ from ..data import Dataset
 from ..data import load as load_data
 from ..errors import DataError, UsageError
 from ..masks import Mask, model_density
+from ..metrics import sparsity_metrics
 from ..models import build, initialize
 from ..protocols import random_mask, random_reinit, reshuffle, rewind, signed_constant, snapshot
-from ..pruning import layer_fractions, prune
+from ..pruning import Context, layer_fractions, prune
 from ..runs import (
     RESULT_COLUMNS,
     RunLock,
@@ -139,6 +140,19 @@ class Experiment:
     def seed(self, replicate: int, purpose: str) -> int:
         return replicate_seed(self.spec, replicate, purpose)
 
+    def level_context(self, generator: torch.Generator, init_state: dict) -> Context:
+        """What a criterion may need at a level: minibatches of the training data (one of
+        ``batch_size``, drawn with ``generator``), the input shape and the initial weights.
+        SynFlow gets no target density, so it scores in one round at each level."""
+        return Context(
+            data=self.data,
+            batches=1,
+            batch_size=self.spec.batch_size,
+            generator=generator,
+            init_state=init_state,
+            input_shape=tuple(self.data.input_shape),
+        )
+
     # the run ----------------------------------------------------------------
     def run(self, progress=None) -> list[dict]:
         spec = self.spec
@@ -214,7 +228,7 @@ class Experiment:
                     self.fractions,
                     scope=spec.scope,
                     criterion=spec.criterion,
-                    generator=gen,
+                    context=self.level_context(gen, init_state),
                 )
                 mask.save(mask_path)
             if spec.protocol == "rewind":
@@ -306,6 +320,7 @@ class Experiment:
             "variant": variant,
             "density": mask.density(),
             "density_all": model_density(model),
+            **sparsity_metrics(model, mask, self.data.input_shape),
             **metrics,
             "status": "done",
         }

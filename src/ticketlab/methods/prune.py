@@ -23,13 +23,15 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import Mask
-from ..protocols import snapshot
+from ..protocols import random_mask, random_reinit, snapshot
 from ..pruning.allocation import ALLOCATIONS, canonical_allocation, select
 from ..pruning.criteria import CRITERIA, Context, compensate_bias, needs_trained
 from ..spec import Spec
 from .lottery import Experiment, load_state, save_state
 
 WHEN = ("init", "trained")
+# sanity checks of pruning at initialisation (Su et al. 2020, Frankle et al. 2021)
+PRUNE_CONTROLS = ("shuffle", "reinit", "invert")
 HESSIAN = ("hutchinson", "exact")
 
 
@@ -66,7 +68,14 @@ class PruneSpec(Spec):
         if self.density is not None:
             _unit("density", self.density)
         object.__setattr__(self, "allocation", canonical_allocation(self.allocation))
+        # the lottery's controls are checked by Spec; prune has its own set
+        controls = tuple(self.controls)
+        object.__setattr__(self, "controls", ())
         super().__post_init__()
+        object.__setattr__(self, "controls", controls)
+        for c in controls:
+            if c not in PRUNE_CONTROLS:
+                raise UsageError(f"unknown control '{c}'; choose from: {', '.join(PRUNE_CONTROLS)}")
         if self.when not in WHEN:
             raise UsageError(f"unknown --when '{self.when}'; choose from: {', '.join(WHEN)}")
         if self.when == "init" and needs_trained(self.criterion):
@@ -134,13 +143,20 @@ class PruneExperiment(Experiment):
             },
         )
 
-    def score_mask(self, model: nn.Module, r: int, init_state: dict) -> Mask:
-        """The pruned mask; with ``variance`` the input means are kept in ``self.means``."""
+    def score_mask(self, model: nn.Module, r: int, init_state: dict, invert: bool = False) -> Mask:
+        """The pruned mask; with ``variance`` the input means are kept in ``self.means``.
+
+        ``invert`` negates the scores (the ``invert`` control): the same allocation
+        keeps the lowest-scored weights instead.
+        """
         spec = self.spec
         dense = Mask.dense(model)
         ctx = self.context(r, init_state)
         scores = CRITERIA[spec.criterion](model, dense, ctx)
-        self.means = ctx.options.get("input_means")
+        if invert:
+            scores = {n: -s for n, s in scores.items()}
+        else:
+            self.means = ctx.options.get("input_means")
         return select(scores, dense, spec.density, spec.allocation, spec.dense_layers, model=model)
 
     def compensated(self, model: nn.Module, start: dict, mask: Mask) -> dict:
@@ -186,18 +202,49 @@ class PruneExperiment(Experiment):
             model.load_state_dict(trained)
             phase = self._phase(1)
             start = load_state(rewind_path) if spec.protocol == "rewind" else trained
-        if (vdir / "result.json").exists():
-            return
+        scored = snapshot(model)  # what the criterion scores: the initial or trained network
         mask_path = vdir / "mask.safetensors"
-        if mask_path.exists():
+        if (vdir / "result.json").exists():
             mask = Mask.load(mask_path)
-            if spec.criterion == "variance" and (vdir / "weights_start.safetensors").exists():
-                start = load_state(vdir / "weights_start.safetensors")  # compensated already
         else:
-            mask = self.score_mask(model, r, init_state)
-            if spec.criterion == "variance":
-                start = self.compensated(model, start, mask)
-        self._variant(model, vdir, r, 1, spec.criterion, start, mask, phase, progress=progress)
+            cstart = start
+            if mask_path.exists():
+                mask = Mask.load(mask_path)
+                if spec.criterion == "variance" and (vdir / "weights_start.safetensors").exists():
+                    cstart = load_state(vdir / "weights_start.safetensors")  # compensated already
+            else:
+                mask = self.score_mask(model, r, init_state)
+                if spec.criterion == "variance":
+                    cstart = self.compensated(model, start, mask)
+            self._variant(model, vdir, r, 1, spec.criterion, cstart, mask, phase, progress=progress)
+        self._controls(model, rdir / "level-1", r, scored, init_state, start, mask, phase, progress)
+
+    def _controls(self, model, ldir, r, scored, init_state, start, mask, phase, progress) -> None:
+        """The sanity-check variants, each trained like the criterion's ticket.
+
+        ``shuffle``: the mask permuted within each layer (same per-layer counts);
+        ``reinit``: the same mask on freshly initialised weights; ``invert``: the
+        same allocation keeping the lowest scores. They start from the criterion's
+        uncompensated weights (no ``variance`` bias compensation).
+        """
+        spec = self.spec
+        for control in spec.controls:
+            cdir = ldir / control
+            if (cdir / "result.json").exists():
+                continue
+            cseed = self.seed(r, f"{control}/1")
+            cmask, cstart = mask, start
+            if control == "shuffle":
+                cmask = random_mask(mask, cseed)
+            elif control == "reinit":
+                cstart = random_reinit(model, spec.init, cseed)
+            elif control == "invert":
+                if (cdir / "mask.safetensors").exists():
+                    cmask = Mask.load(cdir / "mask.safetensors")
+                else:
+                    model.load_state_dict(scored)
+                    cmask = self.score_mask(model, r, init_state, invert=True)
+            self._variant(model, cdir, r, 1, control, cstart, cmask, phase, progress=progress)
 
 
 def prune_experiment(model: nn.Module, data, spec: PruneSpec, progress=None) -> list[dict]:
@@ -223,4 +270,4 @@ def prune_experiment(model: nn.Module, data, spec: PruneSpec, progress=None) -> 
     return exp.run(progress)
 
 
-__all__ = ["ALLOCATIONS", "PruneExperiment", "PruneSpec", "prune_experiment"]
+__all__ = ["ALLOCATIONS", "PRUNE_CONTROLS", "PruneExperiment", "PruneSpec", "prune_experiment"]

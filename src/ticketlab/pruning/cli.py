@@ -37,6 +37,12 @@ def add_parsers(sub, common, lottery_flags) -> None:
     g.add_argument("--rewind", help="with --when trained: rewind step k of the dense run")
     g.add_argument("--protocol", help="with --when trained: rewind, finetune or lr-rewind")
     g.add_argument("--retrain-steps", help="retraining budget for finetune and lr-rewind")
+    g.add_argument(
+        "--controls",
+        type=_list,
+        help="sanity checks, each a variant trained alike: comma list of shuffle (mask "
+        "permuted within layers), reinit (weights reinitialised), invert (lowest scores kept)",
+    )
     p.set_defaults(handler=run_prune)
 
     from .criteria import criterion_names

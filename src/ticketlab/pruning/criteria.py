@@ -80,13 +80,14 @@ def criterion(
 
 
 def criterion_names(method: str | None = None) -> tuple[str, ...]:
-    """Names a method accepts: all (None); for ``prune`` all but those accumulated during
-    training (``needs_training``: movement); for ``gradual`` the data-free ones and those;
-    otherwise (the lottery's per-level pruning, which passes only a generator) those
-    needing no data, input shape or initial weights."""
+    """Names a method accepts: all (None); for ``prune`` and ``lottery`` (whose per-level
+    pruning passes the data, the input shape and the initial weights) all but those
+    accumulated during training (``needs_training``: movement); for ``gradual`` the
+    data-free ones and those; otherwise those needing no data, input shape or initial
+    weights."""
     if method is None:
         return tuple(CRITERIA)
-    if method == "prune":
+    if method in ("prune", "lottery"):
         return tuple(k for k, f in CRITERIA.items() if not getattr(f, "needs_training", False))
     free = tuple(
         k for k, f in CRITERIA.items() if not (f.needs_data or f.needs_trained or f.needs_input)

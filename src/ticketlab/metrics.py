@@ -1,0 +1,155 @@
+"""Sparsity metrics of a pruned network, added to every results row.
+
+- ``compression_ratio`` (ShrinkBench, Blalock et al. 2020): all parameters
+  (biases and norms included) over the nonzero ones.
+- ``flops_speedup``: theoretical speedup, dense multiply-adds of one example
+  in the Linear and Conv layers over the remaining ones, each layer's count
+  scaled by its mask density (the counter of :mod:`ticketlab.methods.dst`).
+- ``effective_density`` (Vysogorets & Kempe 2023): the fraction of prunable
+  weights on some input-to-output path through kept weights. A weight is
+  effective if its input unit (channel, for conv) is reachable from the input
+  and its output unit (channel) reaches the output. Conv layers are reduced to
+  channel-to-channel graphs: a kernel is alive if any of its entries is kept.
+  Biases are ignored (a unit fed only by its bias carries no path).
+
+The path computation follows the prunable layers in module order, which is
+the data flow of MLPs and sequential conv nets (pooling, activations and norms
+keep channels; a flatten from C channels into C*k features is recognised).
+Networks whose layers do not chain that way -- residual nets (skip
+connections), grouped convs, custom graphs -- get NaN: no approximation is
+attempted for them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from .masks import PRUNABLE_TYPES, Mask
+
+
+def compression_ratio(model: nn.Module) -> float:
+    """All parameters over nonzero parameters (inf when every parameter is zero)."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+    return total / nonzero if nonzero else math.inf
+
+
+def flops_speedup(model: nn.Module, mask: Mask, input_shape: tuple) -> float:
+    """Dense over remaining multiply-adds of one forward pass (Linear and Conv layers)."""
+    from .methods.dst import forward_flops, layer_macs  # lazy: dst imports the lottery
+
+    macs = layer_macs(model, tuple(input_shape))
+    densities = {n: d for n, d in mask.layer_density().items() if n in macs}
+    dense, sparse = forward_flops(macs), forward_flops(macs, densities)
+    return dense / sparse if sparse else math.inf
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """Prunable layers in module order, or None when they do not form a plain chain."""
+    for module in model.modules():
+        if hasattr(module, "shortcut") or "resnet" in type(module).__name__.lower():
+            return None
+    out = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and module.weight is not None:
+            if getattr(module, "groups", 1) != 1:
+                return None
+            out.append((f"{mod_name}.weight" if mod_name else "weight", module))
+    return out or None
+
+
+def _units(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """[out, in] bool: unit (channel) i feeds unit o through some kept weight."""
+    return m.reshape(w.shape[0], w.shape[1], -1).any(-1)
+
+
+def _link(prev_out: int, n_in: int) -> int | None:
+    """Features of the next layer per unit of the previous one (1, or k for a flatten)."""
+    if n_in == prev_out:
+        return 1
+    if prev_out and n_in % prev_out == 0:
+        return n_in // prev_out
+    return None
+
+
+def effective_mask(model: nn.Module, mask: Mask) -> Mask | None:
+    """The kept weights that lie on an input-to-output path; None for a non-chain network."""
+    layers = _layers(model)
+    if layers is None:
+        return None
+    conn = []
+    for name, module in layers:
+        w = module.weight
+        m = mask[name].to(w.device) if name in mask else torch.ones_like(w, dtype=torch.bool)
+        conn.append((name, m.bool(), _units(w, m.bool()).cpu()))
+    links = [1]
+    for (_, _, a), (_, _, b) in zip(conn[:-1], conn[1:]):
+        k = _link(a.shape[0], b.shape[1])
+        if k is None:
+            return None
+        links.append(k)
+    # forward: which input units of each layer are reachable from the input
+    reach_in = []
+    alive = torch.ones(conn[0][2].shape[1], dtype=torch.bool)
+    for i, (_, _, a) in enumerate(conn):
+        if i > 0:
+            alive = alive.repeat_interleave(links[i])
+        reach_in.append(alive)
+        alive = (a & alive[None, :]).any(1)
+    # backward: which output units of each layer reach the output
+    reach_out = [torch.ones(0, dtype=torch.bool)] * len(conn)
+    alive = torch.ones(conn[-1][2].shape[0], dtype=torch.bool)
+    for i in range(len(conn) - 1, -1, -1):
+        a = conn[i][2]
+        reach_out[i] = alive
+        alive = (a & alive[:, None]).any(0)
+        if i > 0:
+            alive = alive.view(-1, links[i]).any(1)
+    out = {}
+    for (name, m, _), rin, rout in zip(conn, reach_in, reach_out):
+        shape = (m.shape[0], m.shape[1]) + (1,) * (m.dim() - 2)
+        both = (rout[:, None] & rin[None, :]).view(shape).to(m.device)
+        out[name] = m & both
+    return Mask(out)
+
+
+def effective_density(model: nn.Module, mask: Mask, warn: bool = True) -> float:
+    """Effective weights over all prunable weights of ``mask``; NaN for non-chain networks.
+
+    With ``warn``, a line on stderr names each layer with kept weights but no
+    effective ones (layer collapse).
+    """
+    eff = effective_mask(model, mask)
+    if eff is None:
+        return math.nan
+    if warn:
+        for name, m in eff.items():
+            if not bool(m.any()):
+                print(f"layer collapse: layer {name} has no effective weights", file=sys.stderr)
+    names = [n for n in mask.names() if n in eff]
+    total = sum(mask[n].numel() for n in names)
+    return sum(int(eff[n].sum()) for n in names) / total if total else math.nan
+
+
+def sparsity_metrics(model: nn.Module, mask: Mask, input_shape: tuple) -> dict[str, float]:
+    """The three metrics of a results row."""
+    return {
+        "compression_ratio": compression_ratio(model),
+        "flops_speedup": flops_speedup(model, mask, input_shape),
+        "effective_density": effective_density(model, mask),
+    }
+
+
+__all__ = [
+    "compression_ratio",
+    "effective_density",
+    "effective_mask",
+    "flops_speedup",
+    "sparsity_metrics",
+]
