@@ -7,9 +7,10 @@ from rich.table import Table
 
 
 def print_results(rows: list[dict], title: str = "", console: Console | None = None) -> None:
-    """Test accuracy per level: the ticket and each control side by side.
+    """Test accuracy and early-stop step per level: the ticket and each control side by side.
 
     Values are the mean over replicates, with the std when there are several.
+    The early-stop step is the step of minimum validation loss.
     """
     from .methods.lottery import summarize
 
@@ -27,7 +28,8 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
     table.add_column("weights %", justify="right")
     for v in variants:
         table.add_column(f"{v} acc %", justify="right")
-    table.add_column("early stop", justify="right")
+    for v in variants:
+        table.add_column(f"{v} early stop", justify="right")
     table.add_column("n", justify="right")
     for level in sorted(by_level):
         cells = by_level[level]
@@ -41,7 +43,9 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
                 row.append(f"{100 * s['test_accuracy']:.2f} ± {100 * s['test_accuracy_std']:.2f}")
             else:
                 row.append(f"{100 * s['test_accuracy']:.2f}")
-        row.append(f"{first['best_val_step']:.0f}")
+        for v in variants:
+            s = cells.get(v)
+            row.append("" if s is None else f"{s['best_val_step']:.0f}")
         row.append(str(first["n"]))
         table.add_row(*row)
     console.print(table)
