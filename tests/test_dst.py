@@ -157,3 +157,75 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main([*base, "--sparsity", "0.5", "--alpha", "0"]) == 2
     assert main(base) == 2
     assert not list(tmp_path.iterdir())
+
+
+def _dst_run(runs_dir, alg, *extra):
+    args = [
+        "dst", "--algorithm", alg, "--dataset", "xor", "--model", "lenet_300_100",
+        "--width", "0.2", "--steps", "60it", "--batch-size", "32", "--eval-every", "30it",
+        "--sparsity", "0.8", "--delta-t", "10", "--runs-dir", str(runs_dir), "--quiet", *extra,
+    ]  # fmt: skip
+    return main(args)
+
+
+def _variant_dir(runs_dir, alg):
+    (run,) = runs_dir.glob("dst-*")
+    return run / "replicate-0" / "level-1" / alg
+
+
+@pytest.mark.parametrize("alg", ["static", "set", "rigl"])
+@pytest.mark.parametrize("stop_at", [25, 30])  # between an update and an evaluation; at both
+def test_resume_is_bit_identical(tmp_path, monkeypatch, alg, stop_at):
+    from safetensors.torch import load_file
+
+    from ticketlab.methods import dst
+    from ticketlab.train import request_stop
+
+    assert _dst_run(tmp_path / "whole", alg) == 0
+    whole = _variant_dir(tmp_path / "whole", alg)
+
+    real_train = dst.train
+    steps = []  # the steps each call of train() takes
+
+    class Watch:  # after the updater: stops the first run at stop_at
+        def after_step(self, step, *args):
+            steps.append(step)
+            if step + 1 == stop_at and len(steps) == stop_at:
+                request_stop()
+
+    def watched_train(*args, callbacks=(), **kw):
+        return real_train(*args, callbacks=[*callbacks, Watch()], **kw)
+
+    monkeypatch.setattr(dst, "train", watched_train)
+    assert _dst_run(tmp_path / "split", alg) != 0  # interrupted
+    assert steps == list(range(stop_at))
+    part = _variant_dir(tmp_path / "split", alg)
+    assert (part / "checkpoint.safetensors").exists() and not (part / "result.json").exists()
+    if alg != "static":
+        assert (part / dst.DST_STATE).exists()
+    assert _dst_run(tmp_path / "split", alg) == 0  # resumed, not started again
+    assert steps == list(range(60))
+    for name in ("weights_end.safetensors", "mask_end.safetensors"):
+        a, b = load_file(str(whole / name)), load_file(str(part / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (whole, part))
+    ra.pop("train_seconds"), rb.pop("train_seconds")
+    assert ra == rb
+    if alg != "static":
+        logs = [(d / "dst_updates.jsonl").read_text() for d in (whole, part)]
+        assert logs[0] == logs[1] and logs[0].count("\n") == 4
+    assert not (part / "checkpoint.safetensors").exists() and not (part / dst.DST_STATE).exists()
+
+
+def test_resume_restarts_when_mask_state_is_ahead(tmp_path):
+    """Killed after an update, before the next checkpoint: the saved mask is too new."""
+    model = mlp()
+    mask = random_sparse_mask(model, 0.3, "erk", generator=torch.Generator().manual_seed(1))
+    upd = DSTUpdater("set", mask, delta_t=10, alpha=0.3, t_end=50, log=tmp_path / "log.jsonl")
+    upd.save_state(tmp_path / "state.safetensors", 20)
+    (tmp_path / "log.jsonl").write_text('{"step": 10}\n{"step": 20}\n')
+    assert not upd.restore(tmp_path / "state.safetensors", 15)
+    assert upd.restore(tmp_path / "state.safetensors", 20)
+    assert [u["step"] for u in upd.updates] == [10, 20]

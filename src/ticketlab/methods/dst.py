@@ -26,13 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ..masks import PRUNABLE_TYPES, Mask, model_density
 from ..protocols import rewind, snapshot
 from ..pruning.allocation import canonical_allocation, layer_densities, select
-from ..runs import RESULT_COLUMNS, write_csv, write_json
+from ..runs import RESULT_COLUMNS, atomic_path, write_csv, write_json
 from ..spec import Spec
 from ..train import train
 from .lottery import Experiment, collect_results, save_state
@@ -41,6 +43,8 @@ ALGORITHMS = ("static", "set", "rigl")
 DISTRIBUTIONS = ("uniform", "er", "erk")
 # optimizer state tensors shaped like the parameter, reset for a new connection
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# beside a variant's checkpoint: its mask and grow generator as of its last mask update
+DST_STATE = "dst_state.safetensors"
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,8 @@ def drop_fraction(t: int, alpha: float, t_end: int, cosine: bool = True) -> floa
 
 
 @torch.no_grad()
-def _reset_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, where: torch.Tensor) -> None:
+def _reset_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, where) -> None:
+    """Zero the optimizer state of ``p`` at ``where`` (a boolean mask or an index tuple)."""
     state = optimizer.state.get(p, {})
     for key in STATE_KEYS:
         buf = state.get(key)
@@ -145,6 +150,38 @@ def dense_gradients(model: nn.Module, names, x, y) -> dict[str, torch.Tensor]:
     loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, [params[n] for n in names])
     return {n: g.detach() for n, g in zip(names, grads)}
+
+
+def _pick(values: torch.Tensor, k: int, largest: bool, prefilter: bool = True) -> torch.Tensor:
+    """Positions of the ``k`` smallest (or largest) of 1-D ``values``, ties to lower positions.
+
+    The same set as the first ``k`` of a stable ``argsort`` (descending for ``largest``),
+    found by an unsorted ``topk`` instead of a full sort; returned in no set order.
+    """
+    n = values.numel()
+    if k >= n:
+        return torch.arange(n, device=values.device)
+    if prefilter and n >= 16 * k and n >= 4096:
+        # few of many (growing into a sparse layer): a bound from a strided sample keeps
+        # some 2k candidates for the top-k; exact whenever at least k values pass it, as
+        # then every one of the k (and every tie of the k-th) is among them
+        sample = values[:: n // (4 * k)]
+        j = min(2 * k * sample.numel() // n + 16, sample.numel())
+        bound = torch.topk(sample, j, largest=largest, sorted=False).values
+        bound = bound.min() if largest else bound.max()
+        keep = (values >= bound if largest else values <= bound).nonzero().flatten()
+        if k <= keep.numel() <= n // 2:
+            return keep[_pick(values[keep], k, largest, prefilter=False)]
+    top, idx = torch.topk(values, k, largest=largest, sorted=False)
+    thr = top.min() if largest else top.max()  # the k-th value
+    # topk breaks ties at the k-th value in no set order; if all of them made it, the set is
+    # exact, else take those beyond it and the tied ones of lowest position
+    if int((values == thr).sum()) == int((top == thr).sum()):
+        return idx
+    chosen = values > thr if largest else values < thr
+    short = k - int(chosen.sum())
+    chosen[(values == thr).nonzero().flatten()[:short]] = True
+    return chosen.nonzero().flatten()
 
 
 @torch.no_grad()
@@ -180,26 +217,30 @@ def update_mask(
             new_masks[name] = old
             stats[name] = {"active": n_active, "dropped": 0, "moved": 0}
             continue
-        mag = torch.where(flat_old, p.detach().abs().flatten().double(), math.inf)
-        drop = torch.argsort(mag, stable=True)[:k]
+        # drop the k active weights of smallest magnitude, grow the k inactive ones of largest
+        # score; ties go to the lower index (as a stable sort would), and only the candidates
+        # are searched: a selection, not a sort of the whole layer
+        active = flat_old.nonzero().flatten()
+        drop = active[_pick(p.detach().abs().flatten()[active], k, largest=False)]
         after_drop = flat_old.clone()
         after_drop[drop] = False
         if grow == "gradient":
-            score = grads[name].abs().flatten().double()
+            score = grads[name].abs().flatten()
         else:
             score = torch.rand(old.numel(), generator=generator, dtype=torch.double).to(p.device)
-        score = torch.where(after_drop, -math.inf, score)
-        grown = torch.argsort(-score, stable=True)[:k]
-        flat_new = after_drop.clone()
+        inactive = (~after_drop).nonzero().flatten()
+        grown = inactive[_pick(score[inactive], k, largest=True)]
+        flat_new = after_drop  # after_drop is not used again
         flat_new[grown] = True
-        born = (flat_new & ~flat_old).view_as(p)
-        died = (flat_old & ~flat_new).view_as(p)
-        p[born] = 0.0
-        p[died] = 0.0
+        # only the 2k dropped and grown positions can change: work on their indices
+        born = grown[~flat_old[grown]]
+        changed = torch.cat([born, drop[~flat_new[drop]]])
+        where = torch.unravel_index(changed, p.shape)
+        p[where] = 0.0
         if optimizer is not None:
-            _reset_state(optimizer, p, born | died)
+            _reset_state(optimizer, p, where)
         new_masks[name] = flat_new.view_as(old).to(old.device)
-        stats[name] = {"active": n_active, "dropped": k, "moved": int(born.sum())}
+        stats[name] = {"active": n_active, "dropped": k, "moved": born.numel()}
     return Mask({n: new_masks[n] for n in mask.names()}), stats
 
 
@@ -207,7 +248,9 @@ class DSTUpdater:
     """The training-loop callback that updates the mask every ΔT steps until T_end.
 
     ``t`` (the steps taken) is ``step + 1``; an update happens when ``t`` is a
-    multiple of ΔT and ``t < T_end``. Each update appends one line to ``log``.
+    multiple of ΔT and ``t < T_end``. Each update appends one line to ``log`` and, with
+    ``state``, rewrites that file (mask, grow generator, ``t``) so that a run resumed from
+    the training checkpoint continues with the mask it had (see :meth:`restore`).
     """
 
     def __init__(
@@ -220,6 +263,7 @@ class DSTUpdater:
         skip=frozenset(),
         generator: torch.Generator | None = None,
         log: Path | None = None,
+        state: Path | None = None,
     ):
         if algorithm not in ("set", "rigl"):
             raise UsageError(f"no mask updates for algorithm '{algorithm}'")
@@ -229,7 +273,11 @@ class DSTUpdater:
         self.skip = frozenset(skip)
         self.generator = generator or torch.Generator()
         self.log = log
+        self.state = Path(state) if state is not None else None
         self.updates: list[dict] = []
+        # the sparse layers RigL needs dense gradients of: updates keep every layer's count,
+        # so this is fixed
+        self.sparse = [n for n, m in mask.items() if n not in self.skip and not bool(m.all())]
 
     def due(self, t: int) -> bool:
         return t % self.delta_t == 0 and t < self.t_end
@@ -242,8 +290,7 @@ class DSTUpdater:
         frac = drop_fraction(t, self.alpha, self.t_end, cosine=rigl)
         grads = None
         if rigl:
-            names = [n for n, m in self.mask.items() if n not in self.skip and not bool(m.all())]
-            grads = dense_gradients(model, names, x, y)
+            grads = dense_gradients(model, self.sparse, x, y)
         self.mask, stats = update_mask(
             model,
             optimizer,
@@ -265,6 +312,64 @@ class DSTUpdater:
         if self.log is not None:
             with open(self.log, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.state is not None:
+            self.save_state(self.state, t)
+
+    # resume ----------------------------------------------------------------------------------
+
+    def save_state(self, path: Path, step: int) -> None:
+        """Write the mask and the grow generator as of ``step`` steps (atomically)."""
+        tensors = {f"mask/{n}": m.to(torch.uint8).contiguous() for n, m in self.mask.items()}
+        tensors["generator"] = self.generator.get_state()
+        meta = {"step": step, "order": self.mask.names()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"ticketlab": json.dumps(meta)})
+
+    def restore(self, path: Path, step: int) -> bool:
+        """Continue from ``step`` steps (a checkpoint's): load the saved mask and generator.
+
+        With no state saved (no update yet), the updater keeps its initial mask. Returns
+        False, restoring nothing, when the saved state is of a later step than ``step``
+        (killed after an update, before the next checkpoint): the run must start again.
+        Update rows of later steps are dropped, from ``updates`` and the log file.
+        """
+        path = Path(path)
+        rows = []
+        if self.log is not None and self.log.exists():
+            for line in self.log.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if row["step"] <= step:
+                    rows.append(row)
+        if path.exists():
+            try:
+                tensors = load_file(str(path))
+                with safe_open(str(path), "pt") as f:
+                    meta = json.loads(f.metadata()["ticketlab"])
+            except Exception as exc:
+                raise DataError(f"DST state {path} is corrupt: {exc}") from None
+            if meta["step"] > step or (rows and rows[-1]["step"] != meta["step"]):
+                return False
+            self.mask = Mask({n: tensors[f"mask/{n}"].to(torch.bool) for n in meta["order"]})
+            self.generator.set_state(tensors["generator"])
+        elif rows:
+            return False  # updates were made but their mask is lost
+        self.updates = rows
+        if self.log is not None:
+            with atomic_path(self.log) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        return True
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a training checkpoint (``ticketlab.train``'s) was written at."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(json.loads(f.metadata()["ticketlab"])["step"])
+    except Exception as exc:
+        raise DataError(f"checkpoint {path} is corrupt: {exc}") from None
 
 
 # FLOPs -------------------------------------------------------------------------------------------
@@ -350,14 +455,12 @@ class DSTExperiment(Experiment):
             torch.Generator().manual_seed(self.seed(r, "dst/mask")),
         )
         vdir.mkdir(parents=True, exist_ok=True)
-        # the mask changes during training, so a half-done variant starts again
-        for stale in ("checkpoint.safetensors", "dst_updates.jsonl"):
-            (vdir / stale).unlink(missing_ok=True)
         mask.save(vdir / "mask.safetensors")
         rewind(model, snapshot(model), mask)
         save_state(vdir / "weights_start.safetensors", snapshot(model))
         callbacks, updater = [], None
         t_end = int(round(spec.t_end * res.steps))
+        ckpt = vdir / "checkpoint.safetensors"
         if spec.algorithm != "static":
             skip = {mask.names()[0]} if spec.first_dense else set()
             updater = DSTUpdater(
@@ -369,8 +472,14 @@ class DSTExperiment(Experiment):
                 skip=skip,
                 generator=torch.Generator().manual_seed(self.seed(r, "dst/grow")),
                 log=vdir / "dst_updates.jsonl",
+                state=vdir / DST_STATE,
             )
-            (vdir / "dst_updates.jsonl").write_text("")
+            # a half-done variant continues from its checkpoint with the mask it had then
+            if not (ckpt.exists() and updater.restore(vdir / DST_STATE, checkpoint_step(ckpt))):
+                for stale in ("checkpoint.safetensors", "metrics.jsonl", DST_STATE):
+                    (vdir / stale).unlink(missing_ok=True)
+                (vdir / "dst_updates.jsonl").write_text("")
+            mask = updater.mask
             callbacks.append(updater)
         metrics = train(
             model,
@@ -413,6 +522,7 @@ class DSTExperiment(Experiment):
         }
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
+        (vdir / DST_STATE).unlink(missing_ok=True)
         write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
 
 
