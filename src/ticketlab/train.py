@@ -97,6 +97,11 @@ def lr_at(step: int, spec: Spec, res: Resolved) -> float:
 
 def make_optimizer(model: nn.Module, spec: Spec) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    # The fused kernels update every parameter in one pass: on LeNet-300-100 they make
+    # Adam's step about a fifth faster than the default (benchmarks/masked_training.py).
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
     if spec.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -104,8 +109,9 @@ def make_optimizer(model: nn.Module, spec: Spec) -> torch.optim.Optimizer:
             momentum=spec.momentum,
             nesterov=spec.nesterov,
             weight_decay=spec.weight_decay,
+            fused=fused or None,
         )
-    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused or None)
 
 
 @torch.no_grad()
@@ -295,7 +301,7 @@ def train(
                 g["lr"] = lr
             current_lr = lr
         idx = sampler.indices(step).to(device)
-        x, y = x_train[idx], y_train[idx]
+        x, y = x_train.index_select(0, idx), y_train.index_select(0, idx)
         if augment:
             gen.manual_seed(_mix(aug_seed, step))
             x = data.augment_batch(x, gen)
