@@ -10,7 +10,8 @@ import torch
 
 from ticketlab.errors import DataError
 
-from .formats import read_cifar_bin, read_cifar_py, read_idx
+from .cifar import read_cifar_bin, read_cifar_py
+from .formats import read_idx
 
 ENV_VAR = "TICKETLAB_DATA"
 
