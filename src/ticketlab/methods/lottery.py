@@ -338,8 +338,14 @@ def collect_results(run_dir: Path) -> list[dict]:
     return rows
 
 
-def lottery(model: nn.Module, data: Dataset, spec: Spec, progress=None) -> list[dict]:
-    """IMP on a user's own module; later replicates re-initialise it with ``spec.init``."""
+def run_on_module(
+    experiment_cls: type, model: nn.Module, data: Dataset, spec: Spec, progress=None
+) -> list[dict]:
+    """Run an experiment of ``experiment_cls`` on a user's own module and data.
+
+    Replicate 0 starts from the module's own weights; later replicates
+    re-initialise a copy with ``spec.init``. The module itself is not changed.
+    """
     base = copy.deepcopy(model)
     n_params = sum(p.numel() for p in base.parameters())
     first = replicate_seed(spec, 0, "init")
@@ -350,10 +356,15 @@ def lottery(model: nn.Module, data: Dataset, spec: Spec, progress=None) -> list[
             initialize(m, spec.init, torch.Generator().manual_seed(seed))
         return m
 
-    exp = Experiment(
+    exp = experiment_cls(
         spec, data=data, model_fn=model_fn, model_id=f"custom:{type(model).__name__}:{n_params}"
     )
     return exp.run(progress)
+
+
+def lottery(model: nn.Module, data: Dataset, spec: Spec, progress=None) -> list[dict]:
+    """IMP on a user's own module; later replicates re-initialise it with ``spec.init``."""
+    return run_on_module(Experiment, model, data, spec, progress)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

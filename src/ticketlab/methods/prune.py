@@ -249,25 +249,9 @@ class PruneExperiment(Experiment):
 
 def prune_experiment(model: nn.Module, data, spec: PruneSpec, progress=None) -> list[dict]:
     """One-shot pruning of a user's own module (see :func:`ticketlab.methods.lottery.lottery`)."""
-    import copy
+    from ..methods.lottery import run_on_module
 
-    from ..methods.lottery import replicate_seed
-    from ..models import initialize
-
-    base = copy.deepcopy(model)
-    n_params = sum(p.numel() for p in base.parameters())
-    first = replicate_seed(spec, 0, "init")
-
-    def model_fn(seed: int) -> nn.Module:
-        m = copy.deepcopy(base)
-        if seed != first:
-            initialize(m, spec.init, torch.Generator().manual_seed(seed))
-        return m
-
-    exp = PruneExperiment(
-        spec, data=data, model_fn=model_fn, model_id=f"custom:{type(model).__name__}:{n_params}"
-    )
-    return exp.run(progress)
+    return run_on_module(PruneExperiment, model, data, spec, progress)
 
 
 __all__ = ["ALLOCATIONS", "PRUNE_CONTROLS", "PruneExperiment", "PruneSpec", "prune_experiment"]

@@ -38,12 +38,18 @@ from torch import nn
 from ..errors import UsageError
 from ..forward_mask import MaskedWeights, attach, score_init
 from ..masks import Mask, model_density, prunable_weights
-from ..models import initialize, layer_init_std
+from ..models import layer_init_std
 from ..protocols import snapshot
 from ..runs import RESULT_COLUMNS, write_csv, write_json
 from ..spec import Spec
 from ..train import evaluate, train
-from .lottery import Experiment, collect_results, load_state, replicate_seed, save_state
+from .lottery import (
+    Experiment,
+    collect_results,
+    load_state,
+    run_on_module,
+    save_state,
+)
 
 ALGORITHMS = ("edge-popup", "bernoulli", "same-sign")
 WEIGHT_KINDS = ("init", "signed-constant")
@@ -282,20 +288,7 @@ def zero_training_metrics(model: nn.Module, data, batch_size: int) -> dict:
 
 def supermask(model: nn.Module, data, spec: SupermaskSpec, progress=None) -> list[dict]:
     """A supermask run on a user's own module (later replicates re-initialise it)."""
-    base = copy.deepcopy(model)
-    n_params = sum(p.numel() for p in base.parameters())
-    first = replicate_seed(spec, 0, "init")
-
-    def model_fn(seed: int) -> nn.Module:
-        m = copy.deepcopy(base)
-        if seed != first:
-            initialize(m, spec.init, torch.Generator().manual_seed(seed))
-        return m
-
-    exp = SupermaskExperiment(
-        spec, data=data, model_fn=model_fn, model_id=f"custom:{type(model).__name__}:{n_params}"
-    )
-    return exp.run(progress)
+    return run_on_module(SupermaskExperiment, model, data, spec, progress)
 
 
 __all__ = [
