@@ -63,7 +63,7 @@ def default_threads() -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000, help="timed steps per round (2000)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds of the three methods (5)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of the three methods (4)")
     p.add_argument("--warmup", type=int, default=200, help="untimed steps per method first")
     p.add_argument(
         "--threads", type=int, default=default_threads(), help="torch threads (default: cores)"
