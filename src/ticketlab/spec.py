@@ -160,6 +160,25 @@ def _fraction(name: str, value) -> None:
         raise UsageError(f"{name} must be a fraction in (0, 1); got {value}")
 
 
+def normalize_target(spec) -> None:
+    """Check a method's ``sparsity``/``density`` target and keep it as a density.
+
+    Either may be given, not both; a sparsity S is stored as density 1 - S, so the
+    two spellings name the same run.
+    """
+    density, sparsity = spec.density, spec.sparsity
+    if density is not None and sparsity is not None:
+        raise UsageError("give --sparsity or --density, not both")
+    for name, value in (("sparsity", sparsity), ("density", density)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1
+        ):
+            raise UsageError(f"{name} must be in (0, 1); got {value}")
+    if sparsity is not None:
+        object.__setattr__(spec, "density", round(1.0 - float(sparsity), 12))
+        object.__setattr__(spec, "sparsity", None)
+
+
 def validate(spec: Spec) -> None:
     """Check what can be checked without the data or the model."""
     _choice("optimizer", spec.optimizer, OPTIMIZERS)

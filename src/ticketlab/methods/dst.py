@@ -35,7 +35,7 @@ from ..masks import PRUNABLE_TYPES, Mask, model_density
 from ..protocols import rewind, snapshot
 from ..pruning.allocation import canonical_allocation, layer_densities, select
 from ..runs import RESULT_COLUMNS, atomic_path, write_csv, write_json
-from ..spec import Spec
+from ..spec import Spec, normalize_target
 from ..train import train
 from .lottery import Experiment, collect_results, save_state
 
@@ -67,14 +67,7 @@ class DSTSpec(Spec):
     first_dense: bool = False
 
     def __post_init__(self) -> None:
-        if self.density is not None and self.sparsity is not None:
-            raise UsageError("give --sparsity or --density, not both")
-        if self.sparsity is not None:
-            _unit("sparsity", self.sparsity)
-            object.__setattr__(self, "density", round(1.0 - float(self.sparsity), 12))
-            object.__setattr__(self, "sparsity", None)
-        if self.density is not None:
-            _unit("density", self.density)
+        normalize_target(self)
         super().__post_init__()
         if self.algorithm not in ALGORITHMS:
             raise UsageError(
@@ -93,11 +86,6 @@ class DSTSpec(Spec):
             raise UsageError(f"alpha must be in (0, 1); got {self.alpha}")
         if not (isinstance(self.t_end, (int, float)) and 0.0 < self.t_end <= 1.0):
             raise UsageError(f"t-end must be a fraction of training in (0, 1]; got {self.t_end}")
-
-
-def _unit(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise UsageError(f"{name} must be in (0, 1); got {value}")
 
 
 # masks and schedules ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from ..pruning.allocation import canonical_allocation, select
 from ..pruning.criteria import CRITERIA, Context
 from ..pruning.schedules import cubic_sparsity, pruning_steps
 from ..runs import RESULT_COLUMNS, atomic_path, write_csv, write_json
-from ..spec import Spec, check_step_string, parse_steps
+from ..spec import Spec, check_step_string, normalize_target, parse_steps
 from ..train import train
 from .lottery import Experiment, collect_results, save_state
 
@@ -66,14 +66,7 @@ class GradualSpec(Spec):
     allocation: str = "global"
 
     def __post_init__(self) -> None:
-        if self.density is not None and self.sparsity is not None:
-            raise UsageError("give --sparsity or --density, not both")
-        if self.sparsity is not None:
-            _unit("sparsity", self.sparsity)
-            object.__setattr__(self, "density", round(1.0 - float(self.sparsity), 12))
-            object.__setattr__(self, "sparsity", None)
-        if self.density is not None:
-            _unit("density", self.density)
+        normalize_target(self)
         s_i = self.initial_sparsity
         if not isinstance(s_i, (int, float)) or not 0.0 <= float(s_i) < 1.0:
             raise UsageError(f"initial sparsity must be in [0, 1); got {s_i}")
@@ -85,11 +78,6 @@ class GradualSpec(Spec):
         for name in ("start", "end", "frequency"):
             check_step_string(getattr(self, name), name)
         super().__post_init__()
-
-
-def _unit(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise UsageError(f"{name} must be in (0, 1); got {value}")
 
 
 class GradualPruner:

@@ -26,7 +26,7 @@ from ..masks import Mask
 from ..protocols import random_mask, random_reinit, snapshot
 from ..pruning.allocation import ALLOCATIONS, canonical_allocation, select
 from ..pruning.criteria import CRITERIA, Context, compensate_bias, needs_trained
-from ..spec import Spec
+from ..spec import Spec, normalize_target
 from .lottery import Experiment, load_state, save_state
 
 WHEN = ("init", "trained")
@@ -59,14 +59,7 @@ class PruneSpec(Spec):
     hessian_probes: int = 10
 
     def __post_init__(self) -> None:
-        if self.density is not None and self.sparsity is not None:
-            raise UsageError("give --sparsity or --density, not both")
-        if self.sparsity is not None:
-            _unit("sparsity", self.sparsity)
-            object.__setattr__(self, "density", round(1.0 - float(self.sparsity), 12))
-            object.__setattr__(self, "sparsity", None)
-        if self.density is not None:
-            _unit("density", self.density)
+        normalize_target(self)
         object.__setattr__(self, "allocation", canonical_allocation(self.allocation))
         # the lottery's controls are checked by Spec; prune has its own set
         controls = tuple(self.controls)
@@ -99,11 +92,6 @@ class PruneSpec(Spec):
             raise UsageError("score-batch-size must be >= 1")
         if self.grasp_temperature <= 0:
             raise UsageError("grasp-temperature must be positive")
-
-
-def _unit(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise UsageError(f"{name} must be in (0, 1); got {value}")
 
 
 class PruneExperiment(Experiment):
