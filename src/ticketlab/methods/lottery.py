@@ -283,7 +283,15 @@ class Experiment:
         snapshot_steps=(),
         on_snapshot=None,
         progress=None,
+        spec: Spec | None = None,
+        callbacks=(),
+        extra: dict | None = None,
     ) -> None:
+        """Train one variant in ``vdir`` (skipped when done, resumed when half done).
+
+        ``spec`` replaces the experiment's spec for this training (e.g. a longer
+        schedule), ``callbacks`` go to the training loop and ``extra`` columns
+        (which may override computed ones) to the result row."""
         if (vdir / "result.json").exists():
             return
         vdir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +307,7 @@ class Experiment:
         metrics = train(
             model,
             self.data,
-            self.spec,
+            spec or self.spec,
             mask,
             start=begin,
             end=end,
@@ -311,6 +319,7 @@ class Experiment:
             on_snapshot=on_snapshot,
             progress=progress,
             label=f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)",
+            callbacks=callbacks,
         )
         save_state(vdir / "weights_end.safetensors", snapshot(model))
         row = {
@@ -324,6 +333,7 @@ class Experiment:
             **metrics,
             "status": "done",
         }
+        row.update(extra or {})
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
         write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
