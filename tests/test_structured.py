@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ticketlab.errors import UsageError
+from ticketlab.models import build
 from ticketlab.pruning.structured import (
     expand,
     parameter_count,
@@ -97,3 +98,83 @@ def test_bad_input():
         remove_units(_mlp(), {"6.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(UsageError):
         unit_scores(nn.Linear(2, 2), "l1")
+
+
+def _trained_like(model):
+    """Random BN statistics and affine values, so removal is tested off the init."""
+    _randomise_bn(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name,shape,width,residual",
+    [
+        ("lenet_300_100", (1, 28, 28), 0.2, False),
+        ("conv4", (1, 28, 28), 0.125, False),
+        ("vgg11", (3, 32, 32), 0.125, False),
+        ("resnet20", (1, 28, 28), 0.5, False),
+        ("resnet20", (3, 32, 32), 0.5, True),
+    ],
+)
+@pytest.mark.parametrize("how", ["l2", "redundancy"])
+def test_registered_models_shrink_with_equal_outputs(name, shape, width, residual, how):
+    from ticketlab.methods.dst import layer_macs
+    from ticketlab.pruning.structured import groups, multiply_adds
+
+    model = _trained_like(build(name, shape, 10, width=width, seed=1))
+    x = torch.randn(8, *shape)
+    keep = select_units(unit_scores(model, how, x=x, residual=residual), 0.5)
+    assert set(keep) == {g.key for g in groups(model, residual)}
+    mask = expand(model, keep)
+    masked = copy.deepcopy(model)
+    mask.apply_(masked)
+    small = remove_units(model, keep).eval()
+    with torch.no_grad():
+        # float64, so 20 layers of float32 summation order do not blur the check
+        torch.testing.assert_close(
+            small.double()(x.double()), masked.double()(x.double()), rtol=1e-5, atol=1e-5
+        )
+        assert float((small.float()(x) - masked.float()(x)).abs().max()) < 1e-3
+    # the smaller model's parameters are exactly the kept ones, and its multiply-adds
+    # are what the masked model's layers would spend on the surviving connections
+    assert parameter_count(small) < parameter_count(model)
+    macs = layer_macs(model, shape)
+    kept = {n: float(m.float().mean()) for n, m in mask.items()}
+    expected = sum(macs[n] * kept[n] for n in macs)
+    assert multiply_adds(small, shape) == pytest.approx(expected, rel=1e-9)
+    n_prunable = sum(int(m.sum()) for _, m in mask.items())
+    small_weights = sum(p.numel() for n, p in small.named_parameters() if n in mask.names())
+    assert small_weights == n_prunable
+
+
+def test_resnet_inner_only_by_default_and_streams_shared():
+    from ticketlab.pruning.structured import groups
+
+    model = build("resnet20", (3, 32, 32), 10, width=0.5)
+    inner = groups(model)
+    assert [g.producers for g in inner] == [(f"blocks.{i}.conv1",) for i in range(9)]
+    streams = groups(model, residual=True)[9:]
+    assert len(streams) == 3  # one per stage
+    assert streams[0].producers[0] == "conv" and "fc" in streams[2].consumers
+    assert streams[1].producers[0] == "blocks.3.shortcut.0"
+    keep = select_units(unit_scores(model, "l1", residual=True), 0.5)
+    small = remove_units(model, keep)
+    widths = {small.blocks[i].conv2.out_channels for i in range(3)}
+    assert widths == {int(keep[streams[0].key].sum())}
+
+
+def test_global_allocation_and_bn_scale_alias():
+    from ticketlab.pruning.structured import canonical_unit_criterion
+
+    assert canonical_unit_criterion("bn-scale") == "bn"
+    scores = {"a": torch.tensor([5.0, 4.0, 0.1]), "b": torch.tensor([0.2, 0.3, 0.0])}
+    keep = select_units(scores, 0.5, "global")
+    # top 3 of 6 overall are 5, 4, 0.3; layer b keeps its best unit anyway
+    assert keep["a"].tolist() == [True, True, False]
+    assert keep["b"].tolist() == [False, True, False]
+    keep = select_units(scores, 1 / 6, "global")
+    assert keep["b"].tolist() == [False, True, False]  # never empty
+    with pytest.raises(UsageError):
+        select_units(scores, 0.5, "nope")
+    with pytest.raises(UsageError):
+        unit_scores(build("lenet_300_100", (1, 28, 28), 10), "bn")

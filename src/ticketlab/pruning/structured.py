@@ -1,25 +1,45 @@
 """Structured pruning with real removal: whole units (Linear) or channels (Conv2d) go.
 
-Works on a plain stack, an ``nn.Sequential`` (nested ones are flattened) of
-Linear, Conv2d, BatchNorm1d/2d, element-wise activations, dropout, pooling and
-Flatten. A *unit* of a Linear or Conv2d layer (a row of its weight, a channel)
-that is not the last such layer is scored by one of :data:`UNIT_CRITERIA`; a
-unit mask ``{producer weight name: bool (units,)}`` then
+A *unit group* is a set of units that are kept or removed together:
 
-- expands (:func:`expand`) to a weight mask that zeroes the unit's row in its
-  producer and its input columns in the next Linear/Conv2d (the consumer), so
-  the masked network computes as if the unit were absent whatever the
-  activation or the BatchNorm shift do to it;
+- ``producers``: the Linear/Conv2d layers whose output rows (units, channels)
+  the group's units are, each with the BatchNorm that follows it, if any;
+- ``consumers``: the layers that read those units as inputs (a Linear after a
+  flatten reads ``h*w`` features per channel).
+
+:func:`groups` finds them in
+
+- a plain stack: an ``nn.Sequential`` (nested ones are flattened) of Linear,
+  Conv2d, BatchNorm1d/2d, element-wise activations, dropout, pooling and
+  Flatten: one group per Linear/Conv2d but the last;
+- the registered ``mlp``/``lenet``, ``conv2/4/6`` and ``vgg`` models, the same
+  way along their data flow;
+- the registered ResNets: by default only the inner conv of each basic block
+  (``conv1`` -> ``bn1`` -> ``conv2``), since the residual stream must keep the
+  same channels on both sides of every addition; with ``residual=True`` also
+  one shared channel group per stage stream, whose producers are the stem (or
+  the stage's projection shortcut) and every block's ``conv2``, and whose
+  consumers are every ``conv1`` and shortcut reading the stream, and ``fc``.
+
+A unit mask ``{group key: bool (units,)}`` (the key is the first producer's
+weight name) then
+
+- expands (:func:`expand`) to a weight mask that zeroes the unit's rows in
+  its producers and its input columns in its consumers, so the masked network
+  computes as if the unit were absent whatever the activation, the BatchNorm
+  shift or a residual addition do to it;
 - or is removed (:func:`remove_units`): a physically smaller copy whose
-  producer, BatchNorm and consumer are sliced, with the same outputs as the
+  producers, BatchNorms and consumers are sliced, with the same outputs as the
   masked original.
 
-Unit scores (higher = kept):
+Unit scores (higher = kept), summed over a group's producers:
 
 - ``l1`` (Li et al. 2017, "Pruning filters for efficient ConvNets"):
   s_i = Σ |W_i|, the L1 norm of the filter (row) that produces unit i;
-- ``bn`` (Liu et al. 2017, network slimming): s_i = |γ_i| of the BatchNorm that
-  follows the producer;
+- ``l2``: s_i = ||W_i||_2, the filter's L2 norm;
+- ``bn`` / ``bn-scale`` (Liu et al. 2017, network slimming): s_i = |γ_i| of the
+  BatchNorm that follows the producer (train with an L1 penalty on γ first:
+  :class:`~ticketlab.methods.early_bird.BNL1Penalty`);
 - ``redundancy``: from the eigen-spectrum of the covariance C = V Λ Vᵀ of the
   activations the consumer sees (conv: over examples and positions): with k the
   fewest components that hold ``energy`` (default 0.99) of the variance,
@@ -31,12 +51,13 @@ Unit scores (higher = kept):
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..masks import Mask
+from ..masks import Mask, prunable_weights
 
 _PASS = (
     nn.ReLU,
@@ -49,15 +70,47 @@ _PASS = (
     nn.Dropout,
     nn.MaxPool2d,
     nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
     nn.Identity,
+    nn.Flatten,
 )
 _WEIGHTED = (nn.Linear, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
+UNIT_CRITERIA = {
+    "l1": "L1 norm of the filter producing the unit (Li et al. 2017)",
+    "l2": "L2 norm of the filter producing the unit",
+    "bn": "|gamma| of the following BatchNorm (Liu et al. 2017, network slimming)",
+    "redundancy": "share of the unit in the principal subspace of the activation covariance",
+}
+_ALIASES = {"bn-scale": "bn"}
+UNIT_ALLOCATIONS = ("layerwise", "global")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Units kept or removed together: the outputs of ``producers`` (each followed by
+    the BatchNorm of the same index in ``norms``, or None), read by ``consumers``.
+    Names are module names."""
+
+    producers: tuple[str, ...]
+    norms: tuple[str | None, ...]
+    consumers: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.producers[0]}.weight"
+
+
+def canonical_unit_criterion(how: str) -> str:
+    how = _ALIASES.get(how, how)
+    if how not in UNIT_CRITERIA:
+        choices = ", ".join([*UNIT_CRITERIA, *_ALIASES])
+        raise UsageError(f"unknown unit score '{how}'; choose from: {choices}")
+    return how
+
 
 def _flat(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    if not isinstance(model, nn.Sequential):
-        raise UsageError("structured removal needs an nn.Sequential stack")
     out = []
     for name, m in model.named_children():
         full = f"{prefix}{name}"
@@ -65,131 +118,84 @@ def _flat(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _pairs(model: nn.Module) -> list[tuple[int, int]]:
-    """(producer index, consumer index) in the flattened stack, for every prunable unit layer."""
-    layers = _flat(model)
+def _chain_groups(layers: list[tuple[str, nn.Module]]) -> list[Group]:
+    """Groups of a plain chain of layers in data-flow order."""
     for name, m in layers:
-        ok = isinstance(m, _WEIGHTED + _BN + _PASS + (nn.Flatten,))
+        ok = isinstance(m, _WEIGHTED + _BN + _PASS)
         if not ok or (isinstance(m, nn.Conv2d) and m.groups != 1):
             raise UsageError(f"structured removal cannot pass layer {name} ({type(m).__name__})")
     idx = [i for i, (_, m) in enumerate(layers) if isinstance(m, _WEIGHTED)]
-    return list(zip(idx[:-1], idx[1:]))
-
-
-def unit_layers(model: nn.Module) -> list[str]:
-    """Weight names of the layers whose units can be removed (all but the last)."""
-    layers = _flat(model)
-    return [f"{layers[p][0]}.weight" for p, _ in _pairs(model)]
-
-
-def _bn_after(layers, p: int, c: int):
-    bns = [m for _, m in layers[p + 1 : c] if isinstance(m, _BN)]
-    return bns[0] if bns else None
-
-
-@torch.no_grad()
-def _activations(model: nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Inputs of each consumer, as rows (examples [x positions], units), float64."""
-    layers = _flat(model)
-    consumers = {c: p for p, c in _pairs(model)}
-    out = {}
-    h = x
-    for i, (_, m) in enumerate(layers):
-        if i in consumers:
-            p = consumers[i]
-            a = h.double()
-            if a.dim() == 4:
-                a = a.transpose(0, 1).reshape(a.shape[1], -1).T
-            elif isinstance(layers[p][1], nn.Conv2d):  # flattened conv output
-                c = layers[p][1].out_channels
-                a = a.reshape(a.shape[0], c, -1).transpose(1, 2).reshape(-1, c)
-            out[p] = a
-        h = m(h)
+    out = []
+    for p, c in zip(idx[:-1], idx[1:]):
+        bns = [n for n, m in layers[p + 1 : c] if isinstance(m, _BN)]
+        out.append(Group((layers[p][0],), (bns[0] if bns else None,), (layers[c][0],)))
     return out
 
 
-def unit_scores(
-    model: nn.Module, how: str = "l1", x: torch.Tensor | None = None, energy: float = 0.99
-) -> dict[str, torch.Tensor]:
-    """Scores per unit of each :func:`unit_layers` layer; ``x`` (examples) for ``redundancy``."""
-    if how not in UNIT_CRITERIA:
-        raise UsageError(f"unknown unit score '{how}'; choose from: {', '.join(UNIT_CRITERIA)}")
-    layers = _flat(model)
-    pairs = _pairs(model)
-    out = {}
-    if how == "redundancy":
-        if x is None:
-            raise UsageError("unit score 'redundancy' needs examples")
-        if not 0.0 < energy <= 1.0:
-            raise UsageError(f"energy must be in (0, 1]; got {energy}")
-        was = model.training
-        model.eval()
-        try:
-            acts = _activations(model, x)
-        finally:
-            model.train(was)
-    for p, c in pairs:
-        name, m = layers[p]
-        key = f"{name}.weight"
-        if how == "l1":
-            out[key] = m.weight.detach().abs().flatten(1).sum(1).cpu()
-        elif how == "bn":
-            bn = _bn_after(layers, p, c)
-            if bn is None or bn.weight is None:
-                raise UsageError(f"unit score 'bn' needs an affine BatchNorm after {name}")
-            out[key] = bn.weight.detach().abs().cpu()
-        else:
-            a = acts[p]
-            a = a - a.mean(0)
-            cov = a.T @ a / max(a.shape[0] - 1, 1)
-            lam, vec = torch.linalg.eigh(cov)
-            lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
-            total = float(lam.sum())
-            if total <= 0:
-                out[key] = torch.zeros(len(lam))
-                continue
-            k = int(torch.searchsorted(torch.cumsum(lam, 0) / total, energy - 1e-12)) + 1
-            out[key] = ((vec[:, :k] ** 2 * lam[:k]).sum(1) / total).float().cpu()
+def _resnet_groups(model: nn.Module, residual: bool) -> list[Group]:
+    blocks = list(model.blocks.named_children())
+    out = [
+        Group((f"blocks.{i}.conv1",), (f"blocks.{i}.bn1",), (f"blocks.{i}.conv2",))
+        for i, _ in blocks
+    ]
+    if not residual:
+        return out
+    # one stream per stage: a projection shortcut starts a new one
+    prod, norms, cons = ["conv"], ["bn"], []
+    for i, b in blocks:
+        pre = f"blocks.{i}"
+        cons.append(f"{pre}.conv1")
+        if len(b.shortcut):
+            cons.append(f"{pre}.shortcut.0")
+            out.append(Group(tuple(prod), tuple(norms), tuple(cons)))
+            prod, norms, cons = [f"{pre}.shortcut.0"], [f"{pre}.shortcut.1"], []
+        prod.append(f"{pre}.conv2")
+        norms.append(f"{pre}.bn2")
+    cons.append("fc")
+    out.append(Group(tuple(prod), tuple(norms), tuple(cons)))
     return out
 
 
-UNIT_CRITERIA = {
-    "l1": "L1 norm of the filter producing the unit (Li et al. 2017)",
-    "bn": "|gamma| of the following BatchNorm (Liu et al. 2017, network slimming)",
-    "redundancy": "share of the unit in the principal subspace of the activation covariance",
-}
+def groups(model: nn.Module, residual: bool = False) -> list[Group]:
+    """The unit groups of ``model`` (see the module docstring); ``residual`` adds the
+    per-stage stream groups of a ResNet."""
+    from ..models.convnets import VGG, ConvNet
+    from ..models.mlp import MLP
+    from ..models.resnet import ResNet
+
+    kind = type(model).__name__
+    if getattr(model, "acts", None) is not None:
+        raise UsageError(f"structured removal does not support custom activations ({kind})")
+    if isinstance(model, ResNet):
+        return _resnet_groups(model, residual)
+    if residual:
+        raise UsageError("residual-stream pruning needs a ResNet")
+    if isinstance(model, nn.Sequential):
+        return _chain_groups(_flat(model))
+    if isinstance(model, MLP):
+        layers = [(f"hidden.{i}", m) for i, m in enumerate(model.hidden)]
+        return _chain_groups([*layers, ("fc", model.fc)])
+    if isinstance(model, ConvNet):
+        hidden = [(f"hidden.{i}", m) for i, m in enumerate(model.hidden)]
+        return _chain_groups([*_flat(model.features, "features."), *hidden, ("fc", model.fc)])
+    if isinstance(model, VGG):
+        return _chain_groups([*_flat(model.features, "features."), ("fc", model.fc)])
+    raise UsageError(
+        f"structured removal works on nn.Sequential stacks and the registered mlp, conv, "
+        f"vgg and resnet models; got {kind}"
+    )
 
 
-def select_units(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-    """Keep the top ``max(1, round(density * n))`` units of each layer (ties: lower index)."""
-    if not 0.0 < density <= 1.0:
-        raise UsageError(f"unit density must be in (0, 1]; got {density}")
-    out = {}
-    for k, s in scores.items():
-        keep = max(1, int(round(density * s.numel())))
-        order = torch.argsort(-s.double(), stable=True)
-        m = torch.zeros(s.numel(), dtype=torch.bool)
-        m[order[:keep]] = True
-        out[k] = m
-    return out
+def unit_layers(model: nn.Module, residual: bool = False) -> list[str]:
+    """Keys (the first producer's weight name) of the groups whose units can be removed."""
+    return [g.key for g in groups(model, residual)]
 
 
-def _check_keep(model, keep) -> dict[int, tuple[int, torch.Tensor]]:
-    layers = _flat(model)
-    by_name = {f"{layers[p][0]}.weight": (p, c) for p, c in _pairs(model)}
-    unknown = [k for k in keep if k not in by_name]
-    if unknown:
-        raise UsageError(f"no removable units in: {', '.join(unknown)}")
-    out = {}
-    for k, m in keep.items():
-        p, c = by_name[k]
-        n = layers[p][1].weight.shape[0]
-        if m.shape != (n,) or m.dtype != torch.bool:
-            raise UsageError(f"unit mask of {k} must be a bool tensor of shape ({n},)")
-        if not bool(m.any()):
-            raise UsageError(f"unit mask of {k} removes every unit")
-        out[p] = (c, m)
-    return out
+def _units(mods: dict, g: Group) -> int:
+    n = {mods[p].weight.shape[0] for p in g.producers}
+    if len(n) != 1:
+        raise UsageError(f"producers of group {g.key} disagree on their unit count: {sorted(n)}")
+    return n.pop()
 
 
 def _columns(consumer: nn.Module, keep: torch.Tensor) -> torch.Tensor:
@@ -200,56 +206,204 @@ def _columns(consumer: nn.Module, keep: torch.Tensor) -> torch.Tensor:
     return keep.repeat_interleave(n_in // keep.numel())
 
 
+@torch.no_grad()
+def _consumer_inputs(model: nn.Module, gs: list[Group], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the first consumer of each group reads, as rows (examples [x positions], units)."""
+    mods = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for g in gs:
+        units = _units(mods, g)
+
+        def hook(module, args, key=g.key, units=units):
+            a = args[0].double()
+            if a.dim() == 4:
+                a = a.transpose(0, 1).reshape(a.shape[1], -1).T
+            elif a.shape[1] != units:  # a flattened conv output: C*h*w features
+                a = a.reshape(a.shape[0], units, -1).transpose(1, 2).reshape(-1, units)
+            seen[key] = a
+
+        hooks.append(mods[g.consumers[0]].register_forward_pre_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def unit_scores(
+    model: nn.Module,
+    how: str = "l1",
+    x: torch.Tensor | None = None,
+    energy: float = 0.99,
+    residual: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Scores per unit of each group (keyed like :func:`unit_layers`); ``x`` (examples)
+    for ``redundancy``."""
+    how = canonical_unit_criterion(how)
+    gs = groups(model, residual)
+    mods = dict(model.named_modules())
+    if how == "redundancy":
+        if x is None:
+            raise UsageError("unit score 'redundancy' needs examples")
+        if not 0.0 < energy <= 1.0:
+            raise UsageError(f"energy must be in (0, 1]; got {energy}")
+        acts = _consumer_inputs(model, gs, x)
+    out = {}
+    for g in gs:
+        ws = [mods[p].weight.detach().flatten(1).double() for p in g.producers]
+        _units(mods, g)
+        if how == "l1":
+            out[g.key] = sum(w.abs().sum(1) for w in ws).float().cpu()
+        elif how == "l2":
+            out[g.key] = sum(w.pow(2).sum(1) for w in ws).sqrt().float().cpu()
+        elif how == "bn":
+            if any(n is None or mods[n].weight is None for n in g.norms):
+                raise UsageError(f"unit score 'bn' needs an affine BatchNorm after {g.key}")
+            out[g.key] = sum(mods[n].weight.detach().abs() for n in g.norms).float().cpu()
+        else:
+            a = acts[g.key]
+            a = a - a.mean(0)
+            cov = a.T @ a / max(a.shape[0] - 1, 1)
+            lam, vec = torch.linalg.eigh(cov)
+            lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
+            total = float(lam.sum())
+            if total <= 0:
+                out[g.key] = torch.zeros(len(lam))
+                continue
+            k = int(torch.searchsorted(torch.cumsum(lam, 0) / total, energy - 1e-12)) + 1
+            out[g.key] = ((vec[:, :k] ** 2 * lam[:k]).sum(1) / total).float().cpu()
+    return out
+
+
+def select_units(
+    scores: dict[str, torch.Tensor], density: float, allocation: str = "layerwise"
+) -> dict[str, torch.Tensor]:
+    """Keep-masks over the units of each group.
+
+    ``layerwise``: the top ``max(1, round(density * n))`` units of each group;
+    ``global``: the top ``round(density * total)`` units over all groups (one
+    threshold, as network slimming uses on BN scales), at least one per group.
+    Ties go to the lower index (and the earlier group).
+    """
+    if not 0.0 < density <= 1.0:
+        raise UsageError(f"unit density must be in (0, 1]; got {density}")
+    if allocation not in UNIT_ALLOCATIONS:
+        choices = ", ".join(UNIT_ALLOCATIONS)
+        raise UsageError(f"unknown unit allocation '{allocation}'; choose from: {choices}")
+    out = {}
+    if allocation == "layerwise":
+        for k, s in scores.items():
+            keep = max(1, int(round(density * s.numel())))
+            order = torch.argsort(-s.double(), stable=True)
+            m = torch.zeros(s.numel(), dtype=torch.bool)
+            m[order[:keep]] = True
+            out[k] = m
+        return out
+    names = list(scores)
+    flat = torch.cat([scores[k].double().flatten() for k in names])
+    order = torch.argsort(-flat, stable=True)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[order[: int(round(density * flat.numel()))]] = True
+    start = 0
+    for k in names:
+        n = scores[k].numel()
+        m = chosen[start : start + n].clone()
+        if not bool(m.any()):
+            m[int(torch.argmax(scores[k].double()))] = True
+        out[k] = m
+        start += n
+    return out
+
+
+def _plan(model: nn.Module, keep: dict[str, torch.Tensor]) -> list[tuple[Group, torch.Tensor]]:
+    by_key = {g.key: g for g in groups(model, residual=_is_resnet(model))}
+    unknown = [k for k in keep if k not in by_key]
+    if unknown:
+        raise UsageError(f"no removable units in: {', '.join(unknown)}")
+    mods = dict(model.named_modules())
+    out = []
+    for k, m in keep.items():
+        n = _units(mods, by_key[k])
+        if m.shape != (n,) or m.dtype != torch.bool:
+            raise UsageError(f"unit mask of {k} must be a bool tensor of shape ({n},)")
+        if not bool(m.any()):
+            raise UsageError(f"unit mask of {k} removes every unit")
+        out.append((by_key[k], m.cpu()))
+    return out
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    from ..models.resnet import ResNet
+
+    return isinstance(model, ResNet)
+
+
 def expand(model: nn.Module, keep: dict[str, torch.Tensor]) -> Mask:
-    """The weight mask (over every Linear/Conv weight of the stack) equivalent to ``keep``."""
-    layers = _flat(model)
-    plan = _check_keep(model, keep)
-    out = {f"{n}.weight": torch.ones(m.weight.shape, dtype=torch.bool) for n, m in layers
-           if isinstance(m, _WEIGHTED)}  # fmt: skip
-    for p, (c, m) in plan.items():
-        pw = f"{layers[p][0]}.weight"
-        cw = f"{layers[c][0]}.weight"
-        out[pw] &= m.view(-1, *([1] * (out[pw].dim() - 1)))
-        cols = _columns(layers[c][1], m)
-        out[cw] &= cols.view(1, -1, *([1] * (out[cw].dim() - 2)))
+    """The weight mask (over every prunable weight) equivalent to the unit masks ``keep``."""
+    plan = _plan(model, keep)
+    mods = dict(model.named_modules())
+    out = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in prunable_weights(model).items()}
+    for g, m in plan:
+        for p in g.producers:
+            w = out[f"{p}.weight"]
+            out[f"{p}.weight"] = w & m.view(-1, *([1] * (w.dim() - 1)))
+        for c in g.consumers:
+            w = out[f"{c}.weight"]
+            cols = _columns(mods[c], m)
+            out[f"{c}.weight"] = w & cols.view(1, -1, *([1] * (w.dim() - 2)))
     return Mask(out)
 
 
+def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
+    p = getattr(module, name)
+    if p is None:
+        return
+    new = p.detach().index_select(dim, idx.to(p.device)).clone()
+    if isinstance(p, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
+    else:
+        setattr(module, name, new)
+
+
 @torch.no_grad()
-def remove_units(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Sequential:
-    """A physically smaller copy of the stack without the units ``keep`` drops.
+def remove_units(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    """A physically smaller copy of ``model`` without the units ``keep`` drops.
 
     Its outputs equal those of the original with :func:`expand`'s mask applied.
     """
-    plan = _check_keep(model, keep)
+    plan = _plan(model, keep)
     net = copy.deepcopy(model)
-    layers = _flat(net)
-    for p, (c, m) in plan.items():
+    mods = dict(net.named_modules())
+    for g, m in plan:
         idx = torch.nonzero(m).flatten()
-        prod = layers[p][1]
-        prod.weight = nn.Parameter(prod.weight[idx].clone())
-        if prod.bias is not None:
-            prod.bias = nn.Parameter(prod.bias[idx].clone())
-        if isinstance(prod, nn.Linear):
-            prod.out_features = len(idx)
-        else:
-            prod.out_channels = len(idx)
-        bn = _bn_after(layers, p, c)
-        if bn is not None:
-            if bn.weight is not None:
-                bn.weight = nn.Parameter(bn.weight[idx].clone())
-                bn.bias = nn.Parameter(bn.bias[idx].clone())
-            if bn.running_mean is not None:
-                bn.running_mean = bn.running_mean[idx].clone()
-                bn.running_var = bn.running_var[idx].clone()
+        for p in g.producers:
+            prod = mods[p]
+            _slice_param(prod, "weight", idx, 0)
+            _slice_param(prod, "bias", idx, 0)
+            if isinstance(prod, nn.Linear):
+                prod.out_features = len(idx)
+            else:
+                prod.out_channels = len(idx)
+        for n in g.norms:
+            if n is None:
+                continue
+            bn = mods[n]
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                _slice_param(bn, attr, idx, 0)
             bn.num_features = len(idx)
-        cons = layers[c][1]
-        cols = torch.nonzero(_columns(cons, m)).flatten()
-        cons.weight = nn.Parameter(cons.weight[:, cols].clone())
-        if isinstance(cons, nn.Linear):
-            cons.in_features = len(cols)
-        else:
-            cons.in_channels = len(cols)
+        for c in g.consumers:
+            cons = mods[c]
+            cols = torch.nonzero(_columns(cons, m)).flatten()
+            _slice_param(cons, "weight", cols, 1)
+            if isinstance(cons, nn.Linear):
+                cons.in_features = len(cols)
+            else:
+                cons.in_channels = len(cols)
     return net
 
 
@@ -262,10 +416,22 @@ def compression(original: nn.Module, smaller: nn.Module) -> float:
     return parameter_count(original) / max(parameter_count(smaller), 1)
 
 
+def multiply_adds(model: nn.Module, input_shape: tuple) -> int:
+    """Multiply-adds of one example's forward pass in the Linear and Conv layers."""
+    from ..methods.dst import layer_macs  # lazy: dst imports the lottery
+
+    return int(sum(layer_macs(model, tuple(input_shape)).values()))
+
+
 __all__ = [
+    "UNIT_ALLOCATIONS",
     "UNIT_CRITERIA",
+    "Group",
+    "canonical_unit_criterion",
     "compression",
     "expand",
+    "groups",
+    "multiply_adds",
     "parameter_count",
     "remove_units",
     "select_units",
