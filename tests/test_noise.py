@@ -9,13 +9,13 @@ from torch import nn
 import ticketlab.methods.lottery as lottery_mod
 from ticketlab.cli import main
 from ticketlab.data import from_tensors
-from ticketlab.errors import UsageError
 from ticketlab.kwinners import BoostDecay, KWinners, kwinners_factory
 from ticketlab.models import build
 
 
 @pytest.mark.parametrize(
-    "name, shape", [("mlp_20_10", (1, 6, 6)), ("conv2", (1, 8, 8)), ("vgg11", (1, 8, 8))]
+    "name, shape",
+    [("mlp_20_10", (1, 6, 6)), ("conv2", (1, 8, 8)), ("vgg11", (1, 8, 8)), ("resnet20", (1, 8, 8))],
 )
 def test_activation_factory_keeps_names_and_weights(name, shape):
     plain = build(name, shape, 3, 0.25, seed=4)
@@ -40,8 +40,84 @@ def test_activation_gets_layer_output_shapes():
 
     build("conv2", (1, 8, 8), 3, 0.25, activation=factory)
     assert seen == [(16, 8, 8), (16, 8, 8), (64,), (64,)]
-    with pytest.raises(UsageError):
-        build("resnet20", (1, 8, 8), 3, 0.25, activation=factory)
+    seen.clear()
+    build("resnet20", (1, 7, 9), 3, 0.25, activation=factory)  # odd sizes: 7x9, 4x5, 2x3
+    stages = [(4, 7, 9)] * 6 + [(8, 4, 5)] * 6 + [(16, 2, 3)] * 6
+    assert seen == [(4, 7, 9), *stages]  # the stem's, then two per block
+
+
+class _OldBlock(nn.Module):
+    """The ResNet block as it was before activations were pluggable (reference)."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x):
+        out = self.bn1(self.conv1(x)).relu()
+        out = self.bn2(self.conv2(out))
+        return (out + self.shortcut(x)).relu()
+
+
+class _OldResNet(nn.Module):
+    def __init__(self, input_shape, num_classes, n, widths):
+        super().__init__()
+        self.conv = nn.Conv2d(input_shape[0], widths[0], 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        blocks, c = [], widths[0]
+        for stage, f in enumerate(widths):
+            for i in range(n):
+                blocks.append(_OldBlock(c, f, stride=2 if stage > 0 and i == 0 else 1))
+                c = f
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.bn(self.conv(x)).relu())
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_resnet_without_activation_is_unchanged():
+    from ticketlab.models import initialize
+
+    new = build("resnet20", (3, 8, 8), 10, 0.5, seed=3)
+    old = _OldResNet((3, 8, 8), 10, 3, [8, 16, 32])
+    initialize(old, "kaiming_normal", torch.Generator().manual_seed(3))
+    a, b = old.state_dict(), new.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(old(x), new(x))
+    assert not any(isinstance(m, nn.ReLU) for m in new.modules())  # functional ReLUs as before
+
+
+def test_kwinners_keep_exactly_k_per_sample_in_a_resnet():
+    model = build("resnet20", (3, 8, 8), 10, 0.5, seed=1, activation=kwinners_factory(0.1, 1.5))
+    layers = [m for m in model.modules() if isinstance(m, KWinners)]
+    assert len(layers) == 19  # the stem and two per block of 3 x 3 blocks
+    counts = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: counts.append((m, (o != 0).flatten(1).sum(1))))
+        for m in layers
+    ]
+    model.train()
+    model(torch.randn(5, 3, 8, 8)).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert len(counts) == 19
+    for m, c in counts:
+        assert m.k == max(1, round(0.1 * m.n)) and (c == m.k).all()
+    assert all(bool(m.seen == 5) for m in layers)  # duty cycles updated in training mode
 
 
 def test_boost_decays_per_epoch():
@@ -88,5 +164,19 @@ def test_noise_bad_input(tiny, tmp_path):
     assert main([*base, "--density", "1"]) == 2
     assert main([*base, "--kwinners", "1.5"]) == 2
     assert main([*base, "--kwinners-inference", "0.5"]) == 2
-    assert main([*base, "--model", "resnet20"]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_noise_command_with_resnet(tiny, tmp_path):
+    args = ["noise", "--model", "resnet20", "--width", "0.25", "--batch-size", "64", "--quiet"]
+    args += ["--steps", "1ep", "--eval-every", "1ep", "--noise", "0,0.5"]
+    assert main([*args, "--runs-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("noise-*/results.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert {r["variant"] for r in rows} == {"dense", "sparse", "sparse-kwinners"}
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
+    (kw,) = tmp_path.glob("noise-*/replicate-0/level-1/sparse-kwinners/weights_end.safetensors")
+    from safetensors.torch import load_file
+
+    state = load_file(str(kw))
+    assert sum(k.endswith(".duty") for k in state) == 19  # the k-winners layers trained

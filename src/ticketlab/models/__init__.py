@@ -69,15 +69,8 @@ def _resnet(depth: int) -> ModelEntry:
     return ModelEntry(
         f"resnet{depth}: CIFAR ResNet, 3 stages x {n} basic blocks (16,32,64), He et al. 2016",
         True,
-        lambda s, k, sc, act=None: (
-            _no_activation(f"resnet{depth}", act) or ResNet(s, k, n, [sc(16), sc(32), sc(64)])
-        ),
+        lambda s, k, sc, act=None: ResNet(s, k, n, [sc(16), sc(32), sc(64)], act),
     )
-
-
-def _no_activation(name: str, act) -> None:
-    if act is not None:
-        raise UsageError(f"model '{name}' does not take a custom activation")
 
 
 def _mlp(hidden: list[int], description: str) -> ModelEntry:
@@ -147,8 +140,9 @@ def build(
 
     The same arguments give bit-identical weights, and the global RNG is left untouched.
     ``activation`` is None (ReLU) or a factory ``fn(shape_of_layer_output) -> nn.Module``
-    (shape without the batch dim) that replaces each hidden ReLU (not in ResNets); the
-    parameter names and initial weights do not depend on it.
+    (shape without the batch dim) that replaces each hidden ReLU (in a ResNet: the
+    stem's, and in each block the one after ``bn1`` and the one after the residual
+    addition); the parameter names and initial weights do not depend on it.
     """
     if activation is not None and not callable(activation):
         raise UsageError(f"activation must be None or a factory of modules; got {activation!r}")
