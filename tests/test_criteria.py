@@ -179,6 +179,66 @@ def test_obd_exact_and_hutchinson():
     torch.testing.assert_close(est, 0.5 * w**2 * acc, rtol=1e-4, atol=1e-7)
 
 
+def test_obd_gauss_newton_is_jt_h_j():
+    # tanh, so the first layer's Hessian has a second-derivative term the GN drops
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = tiny_data().x_train
+    y = torch.arange(len(x)) % 3
+    data = from_tensors(x, y, x[:4], y[:4], num_classes=3)
+    w = [model[0].weight.detach(), model[2].weight.detach()]
+
+    def logits(x, w1, w2):
+        return F.linear(torch.tanh(F.linear(x, w1, model[0].bias)), w2, model[2].bias)
+
+    # independent: per-example Jacobians of the logits, G = mean_n J^T (diag p - p p^T) J
+    gn = [torch.zeros(p.numel()) for p in w]
+    for xi in data.x_train:
+        jac = torch.autograd.functional.jacobian(lambda w1, w2, xi=xi: logits(xi, w1, w2), tuple(w))
+        p = torch.softmax(logits(xi, *w), -1).detach()
+        h = torch.diag(p) - torch.outer(p, p)
+        for g, j in zip(gn, jac):
+            j = j.reshape(len(p), -1)
+            g += torch.diagonal(j.T @ h @ j) / len(data.y_train)
+    ctx = full_batch(data, options={"hessian": "gauss-newton"})
+    scores = CRITERIA["obd"](model, Mask.dense(model), ctx)
+    for name, g, wi in zip(NAMES, gn, w):
+        torch.testing.assert_close(scores[name], 0.5 * wi**2 * g.view_as(wi), rtol=1e-4, atol=1e-8)
+
+    def loss(w1, w2):
+        return F.cross_entropy(logits(data.x_train, w1, w2), data.y_train)
+
+    # the logits are linear in the last layer's weights: there GN = the exact Hessian diagonal
+    hess = torch.autograd.functional.hessian(loss, tuple(w))
+    obd = [0.5 * wi**2 * torch.diagonal(hess[i][i].reshape(wi.numel(), -1)).view_as(wi)
+           for i, wi in enumerate(w)]  # fmt: skip
+    torch.testing.assert_close(scores[NAMES[1]], obd[1], rtol=1e-4, atol=1e-8)
+    # but not in the first layer (tanh'' != 0): GN is not the exact Hessian there
+    assert not torch.allclose(scores[NAMES[0]], obd[0], rtol=1e-3, atol=1e-8)
+    with pytest.raises(UsageError, match="gauss-newton"):
+        CRITERIA["obd"](model, Mask.dense(model), full_batch(data, options={"hessian": "gn"}))
+
+
+def test_synflow_conserves_flow_through_each_hidden_layer():
+    torch.manual_seed(0)
+    sizes = [5, 8, 6, 7, 3]
+    layers = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b, bias=False), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    names = Mask.dense(model).names()
+    # no target density: one round of scoring
+    ctx = Context(input_shape=(5,), options={"double": True})
+    scores = CRITERIA["synflow"](model, Mask.dense(model), ctx)
+    s = [scores[n] for n in names]
+    assert all(t.dtype == torch.float64 for t in s)
+    for incoming, outgoing in zip(s, s[1:]):
+        # per hidden neuron j: sum of scores into j == sum of scores out of j
+        torch.testing.assert_close(incoming.sum(1), outgoing.sum(0), rtol=1e-5, atol=0)
+    totals = torch.stack([t.sum() for t in s])
+    torch.testing.assert_close(totals, totals[:1].expand_as(totals), rtol=1e-5, atol=0)
+
+
 def test_trained_versus_init_criteria_by_hand():
     model = nn.Sequential(nn.Linear(2, 2, bias=False))
     wi = torch.tensor([[1.0, -2.0], [0.5, 3.0]])

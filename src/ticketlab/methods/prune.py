@@ -25,14 +25,20 @@ from ..errors import UsageError
 from ..masks import Mask
 from ..protocols import random_mask, random_reinit, snapshot
 from ..pruning.allocation import ALLOCATIONS, canonical_allocation, select
-from ..pruning.criteria import CRITERIA, Context, compensate_bias, needs_trained
+from ..pruning.criteria import (
+    CRITERIA,
+    GATE_GRANULARITY,
+    HESSIAN,
+    Context,
+    compensate_bias,
+    needs_trained,
+)
 from ..spec import Spec, normalize_target
 from .lottery import Experiment, load_state, save_state
 
 WHEN = ("init", "trained")
 # sanity checks of pruning at initialisation (Su et al. 2020, Frankle et al. 2021)
 PRUNE_CONTROLS = ("shuffle", "reinit", "invert")
-HESSIAN = ("hutchinson", "exact")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,10 @@ class PruneSpec(Spec):
     grasp_samples_per_class: int = 10
     hessian: str = "hutchinson"
     hessian_probes: int = 10
+    gates_granularity: str = "weight"
+    gates_steps: int = 200
+    gates_lr: float = 0.1
+    gates_lambda: float = 0.5
 
     def __post_init__(self) -> None:
         normalize_target(self)
@@ -77,8 +87,13 @@ class PruneSpec(Spec):
                 "use --when trained"
             )
         if self.hessian not in HESSIAN:
-            raise UsageError(f"unknown hessian '{self.hessian}'; choose from: exact, hutchinson")
-        for name in ("score_batches", "synflow_rounds", "grasp_samples_per_class"):
+            raise UsageError(f"unknown hessian '{self.hessian}'; choose from: {', '.join(HESSIAN)}")
+        if self.gates_granularity not in GATE_GRANULARITY:
+            raise UsageError(
+                f"unknown gates-granularity '{self.gates_granularity}'; "
+                f"choose from: {', '.join(GATE_GRANULARITY)}"
+            )
+        for name in ("score_batches", "synflow_rounds", "grasp_samples_per_class", "gates_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be >= 1")
         if self.hessian_probes < 1:
@@ -92,6 +107,10 @@ class PruneSpec(Spec):
             raise UsageError("score-batch-size must be >= 1")
         if self.grasp_temperature <= 0:
             raise UsageError("grasp-temperature must be positive")
+        if self.gates_lr <= 0:
+            raise UsageError("gates-lr must be positive")
+        if self.gates_lambda < 0:
+            raise UsageError("gates-lambda must be >= 0")
 
 
 class PruneExperiment(Experiment):
@@ -128,6 +147,10 @@ class PruneExperiment(Experiment):
                 "samples_per_class": spec.grasp_samples_per_class,
                 "hessian": spec.hessian,
                 "probes": spec.hessian_probes,
+                "gates_granularity": spec.gates_granularity,
+                "gates_steps": spec.gates_steps,
+                "gates_lr": spec.gates_lr,
+                "gates_lambda": spec.gates_lambda,
             },
         )
 

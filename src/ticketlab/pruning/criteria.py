@@ -10,6 +10,7 @@ and ``needs_trained`` say what the context must carry.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -384,24 +385,44 @@ def fisher_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
     return {k: (0.5 * weights[k].detach() ** 2 * acc[k] / max(count, 1)).cpu() for k in acc}
 
 
+HESSIAN = ("hutchinson", "exact", "gauss-newton")
+
+
 @criterion("obd", needs_data=True)
 def obd_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
     """Optimal Brain Damage (LeCun et al. 1990): w^2 * H_ii / 2.
 
     H_ii is the Hessian diagonal of the loss averaged over ``context.batches``
-    minibatches, ``exact`` (option ``hessian``; one double backward per weight,
-    for small layers) or ``hutchinson`` (mean of v * Hv over ``probes``, option,
-    10, Rademacher vectors v).
+    minibatches, estimated as option ``hessian`` says:
+
+    - ``exact``: one double backward per weight (small layers; train mode);
+    - ``hutchinson`` (default): the mean of v * Hv over ``probes`` (option, 10)
+      Rademacher vectors v (train mode);
+    - ``gauss-newton``: the diagonal of the generalized Gauss-Newton matrix
+      G = mean_n J_n^T H_n J_n, J_n the Jacobian of example n's logits z and
+      H_n = diag(p) - p p^T the Hessian of cross-entropy in z (p = softmax(z)).
+      Computed exactly per example, not by sampling labels: H_n = A A^T with
+      A = diag(sqrt p) - p sqrt(p)^T, so G_ii = mean_n sum_k (d l_k / dw_i)^2
+      with l_k = sqrt(p_k) (z_k - p . z), p held fixed: one per-example
+      gradient pass (torch.func, eval mode) per class. It assumes a
+      cross-entropy loss on logits (``context.loss_fn`` is not used), is never
+      negative, and equals the exact Hessian diagonal for weights the logits
+      are (piecewise) linear in, e.g. the last Linear layer.
     """
     ctx = as_context(context)
     how = ctx.option("hessian", "hutchinson")
-    if how not in ("exact", "hutchinson"):
-        raise UsageError(f"unknown hessian estimate '{how}'; choose from: exact, hutchinson")
+    if how not in HESSIAN:
+        raise UsageError(f"unknown hessian estimate '{how}'; choose from: {', '.join(HESSIAN)}")
     weights = _weights(model, mask)
     params = list(weights.values())
     batches = _batches(ctx, "obd")
     diag = [torch.zeros_like(p) for p in params]
     dev = _device(model)
+    if how == "gauss-newton":
+        for x, _ in batches:
+            for d, g in zip(diag, _gauss_newton_diagonal(model, weights, x).values()):
+                d += g / (len(x) * len(batches))
+        return {k: (0.5 * w.detach() ** 2 * d).cpu() for (k, w), d in zip(weights.items(), diag)}
     if how == "exact":
         limit = int(ctx.option("exact_limit", 20000))
         big = [k for k, p in weights.items() if p.numel() > limit]
@@ -430,6 +451,138 @@ def obd_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
                     for d, v, h in zip(diag, vs, hv):
                         d += v * h / probes
     return {k: (0.5 * w.detach() ** 2 * d).cpu() for (k, w), d in zip(weights.items(), diag)}
+
+
+def _gauss_newton_diagonal(model: nn.Module, weights: dict, x: torch.Tensor) -> dict:
+    """sum over the examples of ``x`` of diag(J_n^T (diag p - p p^T) J_n), by weight name.
+
+    Per class k, the per-example gradient of l_k = sqrt(p_k) (z_k - p . z) with p
+    detached; the squares summed over k give the diagonal (see :func:`obd_scores`).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    names = list(weights)
+    dev = _device(model)
+    x = x.to(dev)
+
+    def virtual(wsel, xi, k):
+        p = dict(params)
+        p.update(wsel)
+        z = functional_call(model, (p, buffers), (xi.unsqueeze(0),))[0]
+        prob = torch.softmax(z, -1).detach()
+        return prob[k].sqrt() * (z[k] - (prob * z).sum())
+
+    sel = {k: params[k] for k in names}
+    out = {k: torch.zeros_like(params[k]) for k in names}
+    with _mode(model, False), torch.no_grad():
+        classes = model(x[:1]).shape[-1]
+    with _mode(model, False):
+        for k in range(classes):
+            g = vmap(grad(virtual), in_dims=(None, 0, None))(sel, x, k)
+            for n in names:
+                out[n] += (g[n] ** 2).sum(0)
+    return out
+
+
+# learned gates -----------------------------------------------------------------------------------
+
+# hard-concrete stretch and temperature of Louizos et al. (2018)
+GATE_BETA, GATE_GAMMA, GATE_ZETA = 2.0 / 3.0, -0.1, 1.1
+GATE_GRANULARITY = ("weight", "unit")
+
+
+def gate_open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z != 0) of a hard-concrete gate: sigmoid(log_alpha - beta log(-gamma / zeta))."""
+    return torch.sigmoid(log_alpha - GATE_BETA * math.log(-GATE_GAMMA / GATE_ZETA))
+
+
+def hard_concrete(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A hard-concrete gate z = clamp(s (zeta - gamma) + gamma, 0, 1) for noise u ~ U(0, 1),
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta)."""
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / GATE_BETA)
+    return (s * (GATE_ZETA - GATE_GAMMA) + GATE_GAMMA).clamp(0.0, 1.0)
+
+
+@criterion("gates", needs_data=True)
+def gates_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
+    """L0 hard-concrete gates (Louizos, Welling & Kingma 2018), learned on frozen weights.
+
+    Each masked weight (option ``gates_granularity`` = ``weight``, the default)
+    or each output unit (``unit``: a Linear row or a conv output channel) gets
+    a gate z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta)
+    (zeta - gamma) + gamma, 0, 1), u ~ U(0, 1), beta = 2/3, gamma = -0.1,
+    zeta = 1.1. Only log_alpha is trained: the weights stay frozen at their
+    current values and the forward pass uses w * mask * z (torch.func
+    functional_call, train mode: batch statistics, with copied buffers), so
+    the model is not changed (dropout, if any, would draw from the global RNG).
+    ``gates_steps`` (option, 200) Adam steps (``gates_lr``, 0.1) minimise the
+    task loss on the ``context.batches`` minibatches, taken in turn, plus
+    ``gates_lambda`` (0.5) times the expected L0 norm per kept weight,
+    E[L0] / n = sum P(z != 0) / n over the n weights the mask keeps (a unit's
+    gate counts once per kept weight of its row). log_alpha starts at
+    log((1 - r) / r), r = ``gates_droprate_init`` (0.5), and u is drawn from
+    ``context.generator`` (a fixed seed if none), so the scores are deterministic.
+
+    score = P(z != 0) = sigmoid(log_alpha - beta log(-gamma / zeta)), in float64;
+    weights the mask already removed have their gate forced to 0 and score 0.
+    """
+    ctx = as_context(context)
+    granularity = ctx.option("gates_granularity", "weight")
+    if granularity not in GATE_GRANULARITY:
+        raise UsageError(
+            f"unknown gates granularity '{granularity}'; choose from: {', '.join(GATE_GRANULARITY)}"
+        )
+    steps = int(ctx.option("gates_steps", 200))
+    lr = float(ctx.option("gates_lr", 0.1))
+    lam = float(ctx.option("gates_lambda", 0.5))
+    drop = float(ctx.option("gates_droprate_init", 0.5))
+    if steps < 1 or lr <= 0 or lam < 0 or not 0.0 < drop < 1.0:
+        raise UsageError("gates need steps >= 1, lr > 0, lambda >= 0 and a droprate-init in (0, 1)")
+    if ctx.generator is None:  # deterministic all the same, and the global RNG is left alone
+        ctx = dataclasses.replace(ctx, generator=torch.Generator().manual_seed(0))
+    from torch.func import functional_call
+
+    weights = _weights(model, mask)
+    dev = _device(model)
+    batches = [(x.to(dev), y.to(dev)) for x, y in _batches(ctx, "gates")]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    keep = {k: mask[k].to(dev, weights[k].dtype) for k in weights}
+    kept_total = sum(float(m.sum()) for m in keep.values())
+    init = math.log((1.0 - drop) / drop)
+
+    def gate_shape(w: torch.Tensor) -> tuple[int, ...]:
+        return tuple(w.shape) if granularity == "weight" else (w.shape[0], *[1] * (w.dim() - 1))
+
+    log_alpha = {
+        k: torch.full(gate_shape(w), init, dtype=w.dtype, device=dev, requires_grad=True)
+        for k, w in weights.items()
+    }
+    opt = torch.optim.Adam(list(log_alpha.values()), lr=lr)
+    eps = 1e-6
+    with _mode(model, True):
+        for t in range(steps):
+            x, y = batches[t % len(batches)]
+            gated = dict(params)
+            for k, la in log_alpha.items():
+                u = torch.rand(la.shape, generator=ctx.generator, dtype=la.dtype)
+                z = hard_concrete(la, u.clamp(eps, 1.0 - eps).to(dev))
+                gated[k] = params[k] * keep[k] * z
+            out = functional_call(model, (gated, buffers), (x,))
+            l0 = sum((gate_open_probability(la) * keep[k]).sum() for k, la in log_alpha.items())
+            loss = ctx.loss_fn(out, y) + lam * l0 / max(kept_total, 1.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return {
+        k: (gate_open_probability(la.detach().double()) * keep[k].double())
+        .expand(weights[k].shape)
+        .cpu()
+        .clone()
+        for k, la in log_alpha.items()
+    }
 
 
 # trained versus initial weights (Zhou et al. 2019) ------------------------------------------------
