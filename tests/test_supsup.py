@@ -8,7 +8,12 @@ import torch
 import ticketlab as tl
 from ticketlab.cli import main
 from ticketlab.errors import UsageError
-from ticketlab.methods.supsup import SupsupExperiment, SupsupSpec, make_task
+from ticketlab.methods.supsup import (
+    SupsupExperiment,
+    SupsupSpec,
+    make_task,
+    superfluous_objective,
+)
 from ticketlab.runs import read_csv
 
 
@@ -66,4 +71,46 @@ def test_split_tasks_and_bad_input(tmp_path):
     args = ["supsup", "--dataset", "xor", "--model", "mlp_8", "--steps", "5it", "--quiet"]
     assert main(args + ["--tasks", "0", "--runs-dir", str(tmp_path / "bad")]) == 2
     assert main(args + ["--model", "vgg11", "--runs-dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_superfluous_objective_mirrors_the_training_gradient():
+    """dG/dz is softmax on the s-neurons and 0 on the real ones: cross-entropy's gradient there."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 7, generator=gen, requires_grad=True)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    (g,) = torch.autograd.grad(superfluous_objective(z, 3), z)
+    (ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(z, y), z)
+    assert torch.equal(g[:, :3], torch.zeros(5, 3))
+    torch.testing.assert_close(g[:, 3:], ce[:, 3:])
+    torch.testing.assert_close(g[:, 3:], z.detach().softmax(1)[:, 3:] / 5)
+    with pytest.raises(UsageError):
+        superfluous_objective(z, 7)  # no s-neurons
+
+
+def test_superfluous_objective_infers_the_task(tmp_path):
+    spec = SupsupSpec(
+        model="mlp_128_128", tasks=3, steps="150it", eval_every="150it", optimizer="adam",
+        lr=0.01, batch_size=100, runs_dir=str(tmp_path), quiet=True,
+        inference_objective="superfluous", superfluous_neurons=12,
+    )  # fmt: skip
+    exp = SupsupExperiment(spec, data=easy_data())
+    assert exp.model_fn(0).fc.out_features == 4 + 12
+    rows = exp.run()
+    given = [r for r in rows if r["variant"] == "task-given" and r["level"] == 2]
+    assert min(r["test_accuracy"] for r in given) > 0.6  # chance is 0.25
+    inferred = [r for r in rows if r["variant"] == "task-inferred"]
+    assert inferred[-1]["inference_objective"] == "superfluous"
+    assert inferred[-1]["inference_accuracy"] >= 0.9
+
+
+def test_superfluous_objective_needs_superfluous_neurons(tmp_path):
+    with pytest.raises(UsageError):
+        SupsupSpec(inference_objective="superfluous")
+    with pytest.raises(UsageError):
+        SupsupSpec(inference_objective="energy")
+    args = ["supsup", "--dataset", "xor", "--model", "mlp_8", "--steps", "5it", "--quiet"]
+    bad = ["--runs-dir", str(tmp_path / "bad"), "--inference-objective", "superfluous"]
+    assert main(args + bad) == 2
+    assert main(args + bad + ["--superfluous-neurons", "-1"]) == 2
     assert not (tmp_path / "bad").exists()

@@ -1,4 +1,7 @@
-"""Subcommands that learn masks over frozen weights: ``supermask``, ``bn-only``, ``supsup``."""
+"""Subcommands that learn masks or affine parameters over frozen weights.
+
+``supermask``, ``bn-only``, ``supsup``, and ``adapt`` (FiLM vs SupSup vs fine-tuning).
+"""
 
 from __future__ import annotations
 
@@ -75,7 +78,45 @@ def add_parsers(sub, common, lottery_flags) -> None:
     g.add_argument(
         "--inference-batch-size", type=int, help="test batch for one-shot task inference"
     )
+    g.add_argument(
+        "--inference-objective",
+        help="one-shot task inference: entropy (default) or superfluous (the paper's G)",
+    )
+    g.add_argument(
+        "--superfluous-neurons",
+        type=int,
+        help="extra output neurons that are never a label (needed by --inference-objective "
+        "superfluous)",
+    )
     p.set_defaults(handler=run_supsup)
+
+    from .adapt import VARIANTS
+
+    p = sub.add_parser(
+        "adapt", help="adapt a trained network to new tasks: FiLM vs SupSup vs fine-tuning"
+    )
+    common(p)
+    g = p.add_argument_group("adapt")
+    g.add_argument("--weights", help="a trained run directory (train or lottery): its level 0")
+    g.add_argument("--tasks", type=int, help="number of new tasks (default 1)")
+    g.add_argument("--task-kind", help="permuted (inputs permuted per task) or split (class pairs)")
+    g.add_argument(
+        "--variants",
+        type=_list,
+        help=f"comma list of {', '.join(VARIANTS)} (default all)",
+    )
+    g.add_argument(
+        "--train-output",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="film: train the output layer too (default: reuse it as trained)",
+    )
+    g.add_argument("--density", type=float, help="supsup: kept fraction per layer of each mask")
+    p.set_defaults(handler=run_adapt)
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
 def run_supermask(args: argparse.Namespace) -> int:
@@ -97,3 +138,10 @@ def run_supsup(args: argparse.Namespace) -> int:
     from .supsup import SupsupExperiment, SupsupSpec
 
     return run_experiment(spec_from_args(args, "supsup", SupsupSpec), SupsupExperiment)
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    from ..cli import run_experiment, spec_from_args
+    from .adapt import AdaptExperiment, AdaptSpec
+
+    return run_experiment(spec_from_args(args, "adapt", AdaptSpec), AdaptExperiment)

@@ -11,13 +11,33 @@ After task t, every task 0..t is evaluated with its own mask (task id given),
 and the task id is inferred one-shot per test batch: the weights become
 W * sum_i alpha_i M_i with alpha uniform over the learned tasks, one gradient of
 the mean output entropy over the batch is taken with respect to alpha, and the
-task with the most negative gradient is picked.
+task with the most negative gradient is picked (the paper's One-Shot algorithm).
+
+Two objectives for that gradient (``inference_objective``):
+
+- ``entropy`` (default): H(p) = -sum_c p_c log p_c, the mean over the batch;
+- ``superfluous`` (section 3.6 and Lemma 1 of the paper): the output layer gets
+  ``superfluous_neurons`` extra outputs (s-neurons) beyond the task's classes,
+  which are never a label, so the cross-entropy of training pushes them down
+  under each task's own mask. The objective is
+
+      G(z) = log sum_{j=1..k+s} exp(z_j),  with the gradient stopped through
+                                           the k real logits z_1..z_k,
+
+  the batch mean over the logits z. Its gradient is dG/dz_j = softmax(z)_j for
+  an s-neuron and 0 for a real one: exactly the gradient that training's
+  cross-entropy gives the s-neurons. Descending it lowers the s-neurons, which
+  the right task's mask was trained to do on this data.
+
+The s-neurons stay in the output at training and evaluation (accuracy is the
+argmax over all outputs, as in the paper's code); ``superfluous_neurons`` may
+also be used with the entropy objective.
 
 Results: ``level`` is the last trained task (``trained_task``); variant
 ``task-given`` has one row per evaluated task (``eval_task``), variant
 ``task-inferred`` one row with the accuracy when the id is inferred (over all
 learned tasks' test sets) and ``inference_accuracy``, the fraction of batches
-whose task was identified.
+whose task was identified, and ``inference_objective``.
 """
 
 from __future__ import annotations
@@ -42,7 +62,8 @@ from .lottery import Experiment, collect_results, save_state
 from .supermask import SupermaskSpec, prepare_weights
 
 TASK_KINDS = ("permuted", "split")
-COLUMNS = ["trained_task", "eval_task", "inference_accuracy", "task_kind"]
+OBJECTIVES = ("entropy", "superfluous")
+COLUMNS = ["trained_task", "eval_task", "inference_accuracy", "task_kind", "inference_objective"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,8 @@ class SupsupSpec(SupermaskSpec):
     task_kind: str = "permuted"
     weights_kind: str = "signed-constant"
     inference_batch_size: int = 128
+    inference_objective: str = "entropy"
+    superfluous_neurons: int = 0  # extra output neurons, never a label (s-neurons)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +90,18 @@ class SupsupSpec(SupermaskSpec):
             raise UsageError(f"tasks must be >= 1; got {self.tasks}")
         if self.inference_batch_size < 1:
             raise UsageError("inference batch size must be >= 1")
+        if self.inference_objective not in OBJECTIVES:
+            raise UsageError(
+                f"unknown inference objective '{self.inference_objective}'; "
+                f"choose from: {', '.join(OBJECTIVES)}"
+            )
+        if isinstance(self.superfluous_neurons, bool) or self.superfluous_neurons < 0:
+            raise UsageError(f"superfluous neurons must be >= 0; got {self.superfluous_neurons}")
+        if self.inference_objective == "superfluous" and self.superfluous_neurons == 0:
+            raise UsageError(
+                "--inference-objective superfluous needs --superfluous-neurons N > 0 "
+                "(extra output neurons; the paper uses 90 beyond 10 classes)"
+            )
         if self.weights is not None:
             raise UsageError("supsup uses a frozen random network; --weights is not supported")
 
@@ -112,8 +147,35 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(1).mean()
 
 
-def infer_task(handle: MaskedWeights, model: nn.Module, masks: list[Mask], x: torch.Tensor) -> int:
-    """One-shot task inference: the task whose mixture coefficient most lowers the entropy."""
+def superfluous_objective(logits: torch.Tensor, real: int) -> torch.Tensor:
+    """SupSup's G: logsumexp over all outputs, with the gradient stopped through the real ones.
+
+    ``logits`` are (batch, real + s); the first ``real`` are the task's classes, the
+    rest the superfluous neurons. G = mean over the batch of log sum_j exp(z_j);
+    dG/dz_j = softmax(z)_j / batch for an s-neuron and 0 for a real one.
+    """
+    if not 0 < real < logits.shape[1]:
+        raise UsageError(f"the superfluous objective needs outputs beyond the {real} real ones")
+    is_real = torch.arange(logits.shape[1], device=logits.device) < real
+    z = torch.where(is_real, logits.detach(), logits)
+    return z.logsumexp(1).mean()
+
+
+def infer_task(
+    handle: MaskedWeights,
+    model: nn.Module,
+    masks: list[Mask],
+    x: torch.Tensor,
+    objective: str = "entropy",
+    real: int | None = None,
+) -> int:
+    """One-shot task inference: the task whose mixture coefficient most lowers the objective.
+
+    ``objective`` is ``entropy`` or ``superfluous`` (then ``real`` is the number of
+    real classes; the outputs beyond it are the s-neurons).
+    """
+    if objective not in OBJECTIVES:
+        raise UsageError(f"unknown inference objective '{objective}'")
     n = len(masks)
     alpha = torch.full((n,), 1.0 / n, requires_grad=True)
     stacked = {
@@ -122,7 +184,9 @@ def infer_task(handle: MaskedWeights, model: nn.Module, masks: list[Mask], x: to
     factors = {name: torch.einsum("t,t...->...", alpha, s) for name, s in stacked.items()}
     handle.set_factors(factors)
     try:
-        (grad,) = torch.autograd.grad(entropy(model(x)), alpha)
+        out = model(x)
+        value = entropy(out) if objective == "entropy" else superfluous_objective(out, real)
+        (grad,) = torch.autograd.grad(value, alpha)
     finally:
         handle.set_factors(None)
     return int(grad.argmin())
@@ -138,19 +202,30 @@ class SupsupExperiment(Experiment):
             raise UsageError(
                 f"{classes} classes make {classes // 2} class-pair tasks; asked for {spec.tasks}"
             )
-        if spec.task_kind == "split" and model_fn is None:
-            shape = self.data.input_shape
+        # each task's classes, then the superfluous neurons
+        self.real_classes = 2 if spec.task_kind == "split" else classes
+        outputs = self.real_classes + spec.superfluous_neurons
+        shape = self.data.input_shape
+        if model_fn is None and outputs != classes:
 
-            def two_way(seed: int) -> nn.Module:
-                return build(spec.model, shape, 2, spec.width, spec.init, seed)
+            def widened(seed: int) -> nn.Module:
+                return build(spec.model, shape, outputs, spec.width, spec.init, seed)
 
-            self.model_fn = two_way
+            self.model_fn = widened
         probe = self.model_fn(0)
         if any(isinstance(m, nn.modules.batchnorm._NormBase) for m in probe.modules()):
             raise UsageError(
                 "supsup needs a model without BatchNorm (its running statistics would be "
                 "shared by all tasks)"
             )
+        if model_fn is not None and spec.superfluous_neurons:
+            with torch.no_grad():
+                width = probe(torch.zeros(1, *shape)).shape[1]
+            if width != outputs:
+                raise UsageError(
+                    f"with {spec.superfluous_neurons} superfluous neurons the model needs "
+                    f"{outputs} outputs; it has {width}"
+                )
 
     def run(self, progress=None) -> list[dict]:
         super().run(progress)
@@ -253,7 +328,9 @@ class SupsupExperiment(Experiment):
                 for i in range(0, len(task.y_test), spec.inference_batch_size):
                     x = task.x_test[i : i + spec.inference_batch_size]
                     y = task.y_test[i : i + spec.inference_batch_size]
-                    guess = infer_task(handle, model, masks, x)
+                    guess = infer_task(
+                        handle, model, masks, x, spec.inference_objective, self.real_classes
+                    )
                     right += int(guess == e)
                     batches += 1
                     handle.set_mask(masks[guess])
@@ -269,6 +346,7 @@ class SupsupExperiment(Experiment):
                 "eval_task": "all",
                 "inference_accuracy": right / batches if batches else float("nan"),
                 "task_kind": spec.task_kind,
+                "inference_objective": spec.inference_objective,
             }
             write_json(ldir / "task-inferred" / "result.json", row)
         finally:
@@ -289,4 +367,10 @@ def _density_all(model: nn.Module, mask: Mask) -> float:
     return model_density(mask.apply_(copy.deepcopy(model)))
 
 
-__all__ = ["SupsupExperiment", "SupsupSpec", "infer_task", "make_task"]
+__all__ = [
+    "SupsupExperiment",
+    "SupsupSpec",
+    "infer_task",
+    "make_task",
+    "superfluous_objective",
+]
