@@ -131,6 +131,7 @@ EXTENSIONS: list[str] = [
     "ticketlab.pruning.cli",
     "ticketlab.methods.sparse_cli",
     "ticketlab.methods.masking_cli",
+    "ticketlab.methods.structured_cli",
 ]
 
 

@@ -26,7 +26,16 @@ CONTROLS = ("reinit", "reshuffle", "signed-constant", "random-mask")
 # Fields that never change a run's meaning: where things are, how much to print,
 # and counts that only extend a run.
 NOT_HASHED = frozenset(
-    {"levels", "replicates", "controls", "data_dir", "runs_dir", "quiet", "eval_batch_size"}
+    {
+        "levels",
+        "replicates",
+        "controls",
+        "from_scratch",  # structured: Scratch-E/B variants extend a run
+        "data_dir",
+        "runs_dir",
+        "quiet",
+        "eval_batch_size",
+    }
 )
 # Knobs a dense baseline does not use.
 PRUNING_FIELDS = frozenset(
