@@ -90,7 +90,7 @@ def test_cli_gradual_and_list(tmp_path):
         [
             "gradual",
             "--dataset", "xor", "--model", "mlp_32_32", "--steps", "40it",
-            "--sparsity", "0.5", "--end", "20it", "--frequency", "10it",
+            "--final-sparsity", "0.5", "--start", "0it", "--end", "20it", "--every", "10it",
             "--criterion", "movement", "--runs-dir", str(tmp_path), "--quiet",
         ]
     )  # fmt: skip

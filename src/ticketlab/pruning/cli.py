@@ -56,12 +56,23 @@ def add_parsers(sub, common, lottery_flags) -> None:
         "--criterion", help=f"score: {', '.join(criterion_names('gradual'))} (default magnitude)"
     )
     target = g.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=float, help="final fraction removed s_f, in (0, 1)")
+    target.add_argument(
+        "--final-sparsity",
+        "--sparsity",
+        dest="sparsity",
+        type=float,
+        help="final fraction removed s_f, in (0, 1)",
+    )
     target.add_argument("--density", type=float, help="final fraction kept 1 - s_f, in (0, 1)")
     g.add_argument("--initial-sparsity", type=float, help="s_i at --start (default 0)")
     g.add_argument("--start", help="t0: first mask update, a step string (default 0it)")
     g.add_argument("--end", help="t0 + n dt: the step where s_f is reached")
-    g.add_argument("--frequency", help="dt: steps between mask updates (default 100it)")
+    g.add_argument(
+        "--every",
+        "--frequency",
+        dest="frequency",
+        help="dt: steps between mask updates (default 100it)",
+    )
     g.add_argument(
         "--allocation",
         "--scope",
