@@ -408,3 +408,46 @@ def test_callbacks_run_around_the_optimizer_step_and_can_change_the_mask(xor):
     assert [s for s in seen if s[0] == "epoch"] == [("epoch", 1), ("epoch", 2)]
     for name, w in tl.prunable_weights(model).items():
         assert torch.count_nonzero(w[~half[name]]) == 0
+
+
+def test_callback_state_is_checkpointed_and_restored(tmp_path, xor):
+    from ticketlab.train import request_stop
+
+    class Counter:  # keeps state: the steps it saw, and a tensor summing the batch labels
+        def __init__(self, stop_at=None):
+            self.seen, self.total, self.stop_at = [], torch.zeros(()), stop_at
+
+        def after_step(self, step, m, optimizer, keeper, x, y):
+            self.seen.append(step)
+            self.total += y.sum()
+            if step + 1 == self.stop_at:
+                request_stop()
+
+        def state_dict(self):
+            return {"seen": self.seen, "total": self.total}
+
+        def load_state_dict(self, state):
+            self.seen, self.total = list(state["seen"]), state["total"].clone()
+
+    spec = tl.Spec(steps="50it", batch_size=50, optimizer="adam", lr=0.01, eval_every="20it")
+    whole = Counter()
+    tl.train(tl.models.build("mlp_32", (2,), 2, seed=0), xor, spec, callbacks=[whole])
+    with pytest.raises(tl.RunInterrupted):
+        model = tl.models.build("mlp_32", (2,), 2, seed=0)
+        tl.train(model, xor, spec, workdir=tmp_path, callbacks=[object(), Counter(stop_at=25)])
+    resumed = Counter()
+    model = tl.models.build("mlp_32", (2,), 2, seed=0)
+    tl.train(model, xor, spec, workdir=tmp_path, callbacks=[object(), resumed])
+    assert resumed.seen == whole.seen == list(range(50))
+    assert torch.equal(resumed.total, whole.total)
+    # a checkpoint without a stateful callback's state (or with another's) cannot continue it
+    with pytest.raises(tl.RunInterrupted):
+        model = tl.models.build("mlp_32", (2,), 2, seed=0)
+        tl.train(model, xor, spec, workdir=tmp_path / "b", callbacks=[Counter(stop_at=5)])
+
+    class Other(Counter):
+        pass
+
+    for callbacks in ([Other()], [Counter(), Counter()]):
+        with pytest.raises(tl.DataError, match="no state for callback"):
+            tl.train(model, xor, spec, workdir=tmp_path / "b", callbacks=callbacks)

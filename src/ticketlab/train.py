@@ -139,7 +139,20 @@ def _mix(seed: int, step: int) -> int:
 # checkpoints ---------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> None:
+def _stateful(callbacks) -> list[tuple[int, object]]:
+    """The callbacks that keep state, with their index in the list."""
+    return [
+        (i, c)
+        for i, c in enumerate(callbacks)
+        if hasattr(c, "state_dict") and hasattr(c, "load_state_dict")
+    ]
+
+
+def save_checkpoint(
+    path: Path, model, optimizer, step: int, extra: dict, callbacks: Iterable = ()
+) -> None:
+    """Write model, optimizer, RNG and ``step``; and each stateful callback's
+    ``state_dict()``: its tensors as ``callback/<index>/<key>``, the rest in the JSON."""
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     osd = optimizer.state_dict()
     scalars = {}
@@ -150,17 +163,32 @@ def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> Non
             else:
                 scalars[f"{idx}/{key}"] = val
     tensors["rng/torch"] = torch.get_rng_state()
+    cb_meta = {}
+    for i, cb in _stateful(callbacks):
+        values = {}
+        for key, val in cb.state_dict().items():
+            if torch.is_tensor(val):
+                tensors[f"callback/{i}/{key}"] = val.detach().cpu().contiguous()
+            else:
+                values[key] = val
+        cb_meta[str(i)] = {"type": type(cb).__name__, "values": values}
     meta = {
         "step": step,
         "param_groups": osd["param_groups"],
         "optim_scalars": scalars,
         "extra": extra,
+        "callbacks": cb_meta,
     }
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"ticketlab": json.dumps(meta)})
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, dict]:
+def load_checkpoint(path: Path, model, optimizer, callbacks: Iterable = ()) -> tuple[int, dict]:
+    """Restore what :func:`save_checkpoint` wrote; returns the step and ``extra``.
+
+    A stateful callback whose state the checkpoint lacks (or holds for another type
+    at that index) is an error: resuming without it would not continue the run.
+    """
     try:
         tensors = load_file(str(path))
         with open(path, "rb") as f:
@@ -183,6 +211,18 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, dict]:
         state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
+    saved = meta.get("callbacks", {})
+    for i, cb in _stateful(callbacks):
+        entry = saved.get(str(i))
+        if entry is None or entry["type"] != type(cb).__name__:
+            raise DataError(
+                f"checkpoint {path} holds no state for callback {i} ({type(cb).__name__}); "
+                "delete it to start this training again"
+            )
+        cb_state = dict(entry["values"])
+        prefix = f"callback/{i}/"
+        cb_state.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        cb.load_state_dict(cb_state)
     return int(meta["step"]), meta["extra"]
 
 
@@ -233,9 +273,12 @@ def train(
     keeper, x, y)`` (after the step and the mask: e.g. change the mask through
     ``keeper.set_mask``), and ``on_epoch_end(epoch, model)`` (after the last step
     of each epoch; ``epoch`` counts from 1). ``step`` is the index of the step just
-    taken. A callback
-    that keeps state must save and restore it itself to survive a resume.
+    taken. A callback that keeps state exposes ``state_dict()`` (a flat dict of
+    tensors and JSON values) and ``load_state_dict(state)``: with ``workdir``, its
+    state is saved in every checkpoint and restored on resume, so the run continues
+    exactly. Callbacks are matched by their position in ``callbacks``.
     """
+    callbacks = list(callbacks)
     res = resolve(spec, steps_per_epoch(data, spec.batch_size))
     end = res.steps if end is None else end
     if not 0 <= start < end:
@@ -271,7 +314,7 @@ def train(
                 f.write(json.dumps(row) + "\n")
 
     if ckpt is not None and ckpt.exists():
-        step, extra = load_checkpoint(ckpt, model, optimizer)
+        step, extra = load_checkpoint(ckpt, model, optimizer, callbacks)
         seconds = extra.get("train_seconds", 0.0)
         rows = _read_metrics(metrics_path, step)
         with atomic_path(metrics_path) as tmp, open(tmp, "w") as f:
@@ -325,7 +368,7 @@ def train(
                 record(step)
             if ckpt is not None:
                 elapsed = seconds + time.perf_counter() - t0
-                save_checkpoint(ckpt, model, optimizer, step, {"train_seconds": elapsed})
+                save_checkpoint(ckpt, model, optimizer, step, {"train_seconds": elapsed}, callbacks)
             if task is not None:
                 progress.update(task, completed=step - start)
             if _stop_requested:
