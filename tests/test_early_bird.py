@@ -99,3 +99,29 @@ def test_watch_draws_when_masks_stop_changing():
     for step in range(5):
         unstructured.after_step(step, model, None, None, None, None)
     assert unstructured.drawn == 5
+
+
+def test_watch_state_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = net()
+    for drawn_by in (3, 7):  # 3 epochs: a part-filled queue; 7: drawn, with mask and state
+        watch = EarlyBirdWatch(steps_per_epoch=1, ratio=0.3)
+        for step in range(drawn_by):
+            watch.after_step(step, model, None, None, None, None)
+        state = watch.state_dict()
+        tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+        save_file(tensors, tmp_path / "w.safetensors")  # as the checkpoint stores them
+        back = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+        back.update(load_file(str(tmp_path / "w.safetensors")))
+        fresh = EarlyBirdWatch(steps_per_epoch=1, ratio=0.3)
+        fresh.load_state_dict(back)
+        assert (fresh.drawn, fresh.history) == (watch.drawn, watch.history)
+        assert fresh.detector.distances == watch.detector.distances
+        assert len(fresh.detector.queue) == len(watch.detector.queue) == min(drawn_by, 5)
+        for a, b in zip(fresh.detector.queue, watch.detector.queue):
+            assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+        if watch.drawn is not None:
+            assert all(torch.equal(fresh.mask[n], watch.mask[n]) for n in watch.mask)
+            assert all(torch.equal(fresh.state[k], watch.state[k]) for k in watch.state)
+        assert fresh.drawn == (5 if drawn_by == 7 else None)

@@ -84,3 +84,59 @@ def test_bad_input(tiny, tmp_path):
     assert main([*base, "--l1", "-1"]) == 2
     assert main([*base, "--model", "lenet_300_100"]) == 2  # no BatchNorm
     assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_search_and_ticket_resume_bit_identical(tiny, tmp_path, monkeypatch):
+    """Cut once inside the search, one epoch before the draw (the watch holds 4 of the 5
+    masks of the draw then), and once inside the retraining: each part resumes from its
+    checkpoint and ends as an uninterrupted run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ticketlab.methods import early_bird
+    from ticketlab.train import request_stop
+
+    args = ["early-bird", *BASE, "--steps", "8ep", "--eval-every", "2ep", "--distance", "0.2"]
+    assert main([*args, "--runs-dir", str(tmp_path / "whole")]) == 0
+
+    real, starts, stops = early_bird.train, [], {"search": 32, "ticket": 20}
+
+    class Stop:  # 7 steps an epoch, evaluations every 14: 32 and 20 are between them
+        def __init__(self, label):
+            self.label, self.first = label, None
+
+        def after_step(self, step, *rest):
+            if self.first is None:
+                self.first = step
+                starts.append(("search" if "search" in self.label else "ticket", step))
+            for part, at in list(stops.items()):
+                if part in self.label and step + 1 == at:
+                    del stops[part]
+                    request_stop()
+
+    def train(*a, callbacks=(), label="", **kw):
+        return real(*a, callbacks=[*callbacks, Stop(label)], label=label, **kw)
+
+    monkeypatch.setattr(early_bird, "train", train)
+    split = ["--runs-dir", str(tmp_path / "split")]
+    assert main([*args, *split]) == 130
+    assert main([*args, *split]) == 130
+    assert main([*args, *split]) == 0
+    assert starts == [("search", 0), ("search", 32), ("ticket", 0), ("ticket", 20)]
+    (a,), (b,) = (list((tmp_path / d).glob("early-bird-*")) for d in ("whole", "split"))
+    names = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert names == sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
+    assert len(names) == 6  # search: channels, mask, weights at the draw; ticket: 3
+    for n in names:
+        wa, wb = load_file(str(a / n)), load_file(str(b / n))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), n
+    for n in ("replicate-0/level-0/search", "replicate-0/level-1/ticket"):
+        ra, rb = (json.loads((d / n / "result.json").read_text()) for d in (a, b))
+        ra.pop("train_seconds", None), rb.pop("train_seconds", None)
+        assert ra == rb, n
+    assert ra["draw_epoch"] == 6  # a queue lost at step 32 could not draw before epoch 9
+    assert rows_of(tmp_path / "whole") == [
+        {**r, "train_seconds": w["train_seconds"]}
+        for r, w in zip(rows_of(tmp_path / "split"), rows_of(tmp_path / "whole"))
+    ]

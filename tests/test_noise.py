@@ -180,3 +180,74 @@ def test_noise_command_with_resnet(tiny, tmp_path):
 
     state = load_file(str(kw))
     assert sum(k.endswith(".duty") for k in state) == 19  # the k-winners layers trained
+
+
+def _interrupting(module, monkeypatch, when):
+    """Wrap ``module.train`` so that the first call whose label contains ``when[0]`` is
+    interrupted (checkpoint, RunInterrupted) after ``when[1]`` steps; returns the first
+    step of every call, by label."""
+    from ticketlab.train import request_stop
+
+    real, starts, fired = module.train, [], []
+
+    class Stop:
+        def __init__(self, label):
+            self.label, self.first = label, None
+
+        def after_step(self, step, *args):
+            if self.first is None:
+                self.first = step
+                starts.append((self.label, step))
+            if when[0] in self.label and step + 1 == when[1] and not fired:
+                fired.append(step)
+                request_stop()
+
+    def train(*args, callbacks=(), label="", **kw):
+        return real(*args, callbacks=[*callbacks, Stop(label)], label=label, **kw)
+
+    monkeypatch.setattr(module, "train", train)
+    return starts
+
+
+def _same_results(a_dir, b_dir):
+    """The same files of weights and masks, bit for bit, and the same result rows."""
+    import json
+
+    from safetensors.torch import load_file
+
+    names = sorted(p.relative_to(a_dir) for p in a_dir.rglob("*.safetensors"))
+    assert names == sorted(p.relative_to(b_dir) for p in b_dir.rglob("*.safetensors"))
+    assert any(n.name == "weights_end.safetensors" for n in names)
+    for n in names:
+        a, b = load_file(str(a_dir / n)), load_file(str(b_dir / n))
+        assert a.keys() == b.keys(), n
+        for k in a:
+            assert torch.equal(a[k], b[k]), (n, k)
+    results = sorted(p.relative_to(a_dir) for p in a_dir.rglob("result.json"))
+    assert results == sorted(p.relative_to(b_dir) for p in b_dir.rglob("result.json"))
+    for n in results:
+        ra, rb = (json.loads((d / n).read_text()) for d in (a_dir, b_dir))
+        ra.pop("train_seconds", None), rb.pop("train_seconds", None)
+        assert ra == rb, n
+
+
+def test_noise_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+    from ticketlab.errors import RunInterrupted
+    from ticketlab.methods import noise
+
+    def spec(where):
+        return noise.NoiseSpec(
+            model="conv2", width=0.25, batch_size=32, steps="3ep", eval_every="2ep",
+            density=0.3, noise=(0.0, 0.4), quiet=True, runs_dir=str(tmp_path / where),
+        )  # fmt: skip
+
+    noise.NoiseExperiment(spec("whole")).run()
+    # 7 steps an epoch: step 10 is after one boost decay and between evaluations
+    starts = _interrupting(noise, monkeypatch, ("kwinners", 10))
+    with pytest.raises(RunInterrupted):
+        noise.NoiseExperiment(spec("split")).run()
+    noise.NoiseExperiment(spec("split")).run()
+    assert [s for label, s in starts if "kwinners" in label] == [0, 10]  # resumed, not redone
+    (whole,), (split,) = (list((tmp_path / d).glob("noise-*")) for d in ("whole", "split"))
+    _same_results(whole, split)
+    assert not list(split.rglob("checkpoint.safetensors"))

@@ -7,6 +7,10 @@ winners are chosen on boosted values ``x * exp(beta (k/n - d_i))``, with
 favoured; the values passed on are the unboosted ones. ``decay_boost`` scales
 beta (call it once per epoch). At evaluation the layer keeps ``k_inference``
 winners (the paper uses 1.5 k) and no boosting.
+
+The duty cycles, the count of examples seen and the current boost strength are
+buffers, so they are part of the model's state dict and a training checkpoint
+resumes them exactly.
 """
 
 from __future__ import annotations
@@ -42,9 +46,20 @@ class KWinners(nn.Module):
         self.k_inference = self.k if k_inference is None else self._count(k_inference, "k")
         if beta < 0 or not 0 <= beta_decay <= 1 or duty_period < 1:
             raise UsageError("kWTA needs beta >= 0, beta-decay in [0, 1] and duty-period >= 1")
-        self.beta, self.beta_decay, self.duty_period = float(beta), float(beta_decay), duty_period
+        self.beta_decay, self.duty_period = float(beta_decay), duty_period
         self.register_buffer("duty", torch.zeros(self.n))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        # float64, as the Python float it replaces: the decays compound exactly as before
+        self.register_buffer("boost_strength", torch.tensor(float(beta), dtype=torch.float64))
+
+    @property
+    def beta(self) -> float:
+        """The current boost strength (decayed once per epoch)."""
+        return float(self.boost_strength)
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.boost_strength.fill_(float(value))
 
     def _count(self, k: float, name: str) -> int:
         c = int(round(k * self.n)) if 0 < k < 1 else int(k)
@@ -54,10 +69,11 @@ class KWinners(nn.Module):
 
     def decay_boost(self) -> None:
         """One epoch's decay of the boost strength."""
-        self.beta *= self.beta_decay
+        self.boost_strength.mul_(self.beta_decay)
 
     def boost(self) -> torch.Tensor:
-        return torch.exp(self.beta * (self.k / self.n - self.duty))
+        # the tensor, not ``beta``: reading the float would sync with the device every step
+        return torch.exp(self.boost_strength * (self.k / self.n - self.duty))
 
     def winners(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the winners of each sample of ``x`` (flattened per sample)."""

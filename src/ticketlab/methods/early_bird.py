@@ -18,7 +18,10 @@ variant ``ticket``) is the pruned network retrained for the full budget from the
 drawing-epoch weights (``retrain_from="draw"``) or from the initialisation
 (``"init"``). Channel tickets keep the pruned channels' BN scale and shift at
 zero throughout retraining. When no ticket is drawn within the budget the
-search's row says ``ticket_drawn=False`` and there is no ticket row.
+search's row says ``ticket_drawn=False`` and there is no ticket row. Both
+phases resume where they were cut: the search's checkpoint carries the watch's
+queue of masks (:meth:`EarlyBirdWatch.state_dict`), and the ticket starts from
+the mask, channels and weights the search wrote at the draw.
 
 Training cost counts 3 forward passes (forward + backward) per example and
 step, with forward multiply-adds from :func:`ticketlab.methods.dst.layer_macs`
@@ -42,10 +45,10 @@ from torch import nn
 from ..errors import UsageError
 from ..masks import Mask, model_density
 from ..protocols import rewind, snapshot
-from ..runs import RESULT_COLUMNS, write_csv, write_json
+from ..runs import RESULT_COLUMNS, read_json, write_csv, write_json
 from ..spec import Spec
 from ..train import train
-from .lottery import Experiment, collect_results, save_state
+from .lottery import Experiment, collect_results, load_state, save_state
 
 MASK_KINDS = ("channel", "weight")
 RETRAIN_FROM = ("draw", "init")
@@ -110,13 +113,28 @@ class EarlyBirdDetector:
 
     def push(self, mask: dict[str, torch.Tensor]) -> bool:
         """Add the newest mask; True when a ticket is drawn."""
-        self.queue.append({n: m.clone() for n, m in mask.items()})
+        # on the CPU: masks restored from a checkpoint are, and distances compare them all
+        self.queue.append({n: m.detach().to("cpu", copy=True) for n, m in mask.items()})
         if len(self.queue) < self.keep:
             self.distances = []
             return False
         newest = self.queue[-1]
         self.distances = [mask_distance(newest, m) for m in list(self.queue)[:-1]]
         return max(self.distances) <= self.threshold
+
+    def state_dict(self) -> dict:
+        """The queue (tensors ``queue/<i>/<name>``, oldest first) and the last distances."""
+        state: dict = {"distances": list(self.distances), "queued": len(self.queue)}
+        for i, mask in enumerate(self.queue):
+            state[f"queue_names/{i}"] = list(mask)
+            state.update({f"queue/{i}/{n}": m for n, m in mask.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue.clear()
+        for i in range(state["queued"]):
+            self.queue.append({n: state[f"queue/{i}/{n}"] for n in state[f"queue_names/{i}"]})
+        self.distances = list(state["distances"])
 
 
 def expand_channel_mask(model: nn.Module, channels: dict[str, torch.Tensor]) -> Mask:
@@ -156,6 +174,10 @@ class EarlyBirdWatch:
     ``unstructured=True`` uses global weight-magnitude masks of the prunable
     layers instead (same ratio, same queue). ``drawn`` is the epoch of the draw
     (None until then) and ``state`` a copy of the model's state at that point.
+
+    ``state_dict()``/``load_state_dict()`` carry the detector's queue, the history
+    and the draw through a training checkpoint, so a resumed search draws the same
+    ticket at the same epoch as an uninterrupted one.
     """
 
     def __init__(
@@ -192,6 +214,25 @@ class EarlyBirdWatch:
         if hit:
             self.drawn, self.mask = epoch, mask
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        state = {f"detector/{k}": v for k, v in self.detector.state_dict().items()}
+        state.update(history=self.history, drawn=self.drawn)
+        if self.drawn is not None:
+            state["mask_names"], state["state_names"] = list(self.mask), list(self.state)
+            state.update({f"mask/{n}": m for n, m in self.mask.items()})
+            state.update({f"state/{k}": v for k, v in self.state.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detector.load_state_dict(
+            {k[len("detector/") :]: v for k, v in state.items() if k.startswith("detector/")}
+        )
+        self.history = [dict(h) for h in state["history"]]
+        self.drawn, self.mask, self.state = state["drawn"], None, None
+        if self.drawn is not None:
+            self.mask = {n: state[f"mask/{n}"] for n in state["mask_names"]}
+            self.state = {k: state[f"state/{k}"] for k in state["state_names"]}
 
 
 class ChannelKeeper:
@@ -296,20 +337,24 @@ class EarlyBirdExperiment(Experiment):
         }
 
     def _replicate(self, r: int, levels: int, progress) -> None:
-        spec, res = self.spec, self.res
         rdir = self.dir / f"replicate-{r}"
         sdir, tdir = rdir / "level-0" / "search", rdir / "level-1" / "ticket"
-        if (sdir / "result.json").exists() and (
-            (tdir / "result.json").exists() or not _drawn(sdir)
-        ):
-            return
-        # the watch keeps its masks in memory, so a half-done replicate starts again
-        for d in (sdir, tdir):
-            d.mkdir(parents=True, exist_ok=True)
+        if not (sdir / "result.json").exists():
+            # a ticket only follows a finished search: anything of one here is stale
             for stale in ("checkpoint.safetensors", "result.json"):
-                (d / stale).unlink(missing_ok=True)
+                (tdir / stale).unlink(missing_ok=True)
+            self._search(r, sdir, progress)
+        if _drawn(sdir) and not (tdir / "result.json").exists():
+            self._ticket(r, sdir, tdir, progress)
+
+    def _search(self, r: int, sdir, progress) -> None:
+        """Train the dense network with the L1 penalty and the watch until the draw (or
+        the end of the budget). A half-done search resumes from its checkpoint, which
+        carries the watch's queue of masks. Writes the search row; at a draw also the
+        mask, the channels and the weights at the draw, which the ticket starts from."""
+        spec, res = self.spec, self.res
+        sdir.mkdir(parents=True, exist_ok=True)
         model = self.model_fn(self.seed(r, "init"))
-        init_state = snapshot(model)
         dense = Mask.dense(model)
         watch = EarlyBirdWatch(
             self.spe, spec.ratio, spec.keep, spec.distance, spec.mask_kind == "weight"
@@ -323,15 +368,15 @@ class EarlyBirdExperiment(Experiment):
                 dense,
                 data_seed=self.seed(r, "data"),
                 aug_seed=self.seed(r, "aug"),
+                workdir=sdir,
                 progress=progress,
                 label=f"rep {r} early-bird search",
                 callbacks=callbacks,
             )
         except _Drawn:
             metrics = {}
-        lottery = self.lottery_flops()
         if watch.drawn is None:
-            cost = self._cost(res.steps, None)
+            cost, lottery = self._cost(res.steps, None), self.lottery_flops()
             print(
                 f"early-bird: no ticket drawn within {res.steps} steps "
                 f"({res.steps // self.spe} epochs) in replicate {r}",
@@ -343,32 +388,42 @@ class EarlyBirdExperiment(Experiment):
                 lottery_train_flops=lottery, flops_saved_vs_lottery=1 - cost / lottery,
                 max_distance=max(watch.detector.distances, default=None),
             )  # fmt: skip
-            write_json(sdir / "result.json", row)
-            write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
-            return
-        search_steps = watch.drawn * self.spe
-        search_cost = self._cost(search_steps, None)
-        if spec.mask_kind == "channel":
-            channels = watch.mask
-            mask = expand_channel_mask(model, channels)
-            extra_cb = [ChannelKeeper(channels)]
-            save_state(sdir / "channels.safetensors", channels)
         else:
-            mask, channels, extra_cb = Mask(dict(watch.mask)), None, []
-        mask.save(sdir / "mask.safetensors")
-        save_state(sdir / "weights_draw.safetensors", watch.state)
-        write_json(
-            sdir / "result.json",
-            self._row(
+            search_steps = watch.drawn * self.spe
+            if spec.mask_kind == "channel":
+                mask = expand_channel_mask(model, watch.mask)
+                save_state(sdir / "channels.safetensors", watch.mask)
+            else:
+                mask = Mask(dict(watch.mask))
+            mask.save(sdir / "mask.safetensors")
+            save_state(sdir / "weights_draw.safetensors", watch.state)
+            row = self._row(
                 r, 0, "search", model, dense, {"steps": search_steps},
-                draw_epoch=watch.drawn, ticket_drawn=True, train_flops=search_cost,
+                draw_epoch=watch.drawn, ticket_drawn=True,
+                train_flops=self._cost(search_steps, None),
                 max_distance=max(watch.detector.distances),
-            ),
-        )  # fmt: skip
-        start = watch.state if spec.retrain_from == "draw" else init_state
-        rewind(model, start, mask)
+            )  # fmt: skip
+        write_json(sdir / "result.json", row)
+        (sdir / "checkpoint.safetensors").unlink(missing_ok=True)
+        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+    def _ticket(self, r: int, sdir, tdir, progress) -> None:
+        """Retrain the drawn ticket for the full budget from what the search saved (so a
+        half-done ticket resumes from its own checkpoint without searching again)."""
+        spec, res = self.spec, self.res
+        search = read_json(sdir / "result.json")
+        model = self.model_fn(self.seed(r, "init"))
+        mask = Mask.load(sdir / "mask.safetensors")
+        channels = None
+        if spec.mask_kind == "channel":
+            channels = load_state(sdir / "channels.safetensors")
+        if spec.retrain_from == "draw":
+            rewind(model, load_state(sdir / "weights_draw.safetensors"), mask)
+        else:
+            mask.apply_(model)  # the initialisation, as built
         if channels is not None:
             apply_channel_mask(model, channels)
+        tdir.mkdir(parents=True, exist_ok=True)
         mask.save(tdir / "mask.safetensors")
         save_state(tdir / "weights_start.safetensors", snapshot(model))
         metrics = train(
@@ -381,13 +436,14 @@ class EarlyBirdExperiment(Experiment):
             workdir=tdir,
             progress=progress,
             label=f"rep {r} early-bird ticket ({100 * mask.density():.1f}%)",
-            callbacks=extra_cb,
+            callbacks=[ChannelKeeper(channels)] if channels is not None else [],
         )
         save_state(tdir / "weights_end.safetensors", snapshot(model))
-        cost = search_cost + self._cost(res.steps, mask.layer_density())
+        cost = self._cost(search["steps"], None) + self._cost(res.steps, mask.layer_density())
+        lottery = self.lottery_flops()
         row = self._row(
             r, 1, "ticket", model, mask, metrics,
-            draw_epoch=watch.drawn, ticket_drawn=True, train_flops=cost,
+            draw_epoch=search["draw_epoch"], ticket_drawn=True, train_flops=cost,
             lottery_train_flops=lottery, flops_saved_vs_lottery=1 - cost / lottery,
         )  # fmt: skip
         write_json(tdir / "result.json", row)
@@ -396,8 +452,6 @@ class EarlyBirdExperiment(Experiment):
 
 
 def _drawn(sdir) -> bool:
-    from ..runs import read_json
-
     return bool(read_json(sdir / "result.json").get("ticket_drawn"))
 
 

@@ -129,8 +129,8 @@ class NoiseExperiment(Experiment):
             if (vdir / "result.json").exists():
                 continue
             vdir.mkdir(parents=True, exist_ok=True)
-            # k-winners duty cycles and boost live outside the checkpoint: start again
-            (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
+            # a half-done variant resumes from its checkpoint: the k-winners duty cycles
+            # and boost strength are buffers, in the model state it holds
             vmask.save(vdir / "mask.safetensors")
             rewind(model, snapshot(model), vmask)
             save_state(vdir / "weights_start.safetensors", snapshot(model))
