@@ -100,3 +100,36 @@ def test_select_never_revives_pruned_weights_and_keeps_dense_layers():
         assert not (new[n] & ~half[n]).any()
     assert torch.equal(new["4.weight"], half["4.weight"])
     assert new.num_kept() == round(0.2 * mask.num_total())
+
+
+def test_explicit_layer_densities_with_global_ranking_and_cli(tmp_path, capsys):
+    from ticketlab.cli import main
+    from ticketlab.models import build
+    from ticketlab.pruning.allocation import explicit_densities
+
+    model = build("lenet_300_100", (1, 28, 28), 10)
+    explicit = explicit_densities(("first=0.5", "output=0.2"), model)
+    assert explicit == {"hidden.0.weight": 0.5, "fc.weight": 0.2}
+    dense = Mask.dense(model)
+    scores = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(1))
+              for n, m in dense.items()}  # fmt: skip
+    mask = select(scores, dense, 0.5, "global", explicit=explicit, model=model)
+    d = mask.layer_density()
+    assert d["hidden.0.weight"] == pytest.approx(0.5, abs=1e-6)
+    assert d["fc.weight"] == pytest.approx(0.2, abs=1e-3)
+    assert mask.density() == pytest.approx(0.5, abs=1e-5)  # the middle layer takes the rest
+    with pytest.raises(UsageError, match="NAME=DENSITY"):
+        explicit_densities(("first",), model)
+    with pytest.raises(UsageError, match="not a prunable weight"):
+        explicit_densities(("nope=0.5",), model)
+
+    args = ["prune", "--dataset", "xor", "--model", "mlp_16", "--steps", "20it"]
+    args += ["--eval-every", "20it", "--batch-size", "50", "--quiet", "--criterion", "magnitude"]
+    args += ["--density", "0.5", "--layer-density", "first=0.75", "--runs-dir", str(tmp_path)]
+    assert main(args) == 0
+    assert main(args) == 0  # the same run: nothing new
+    (run,) = tmp_path.iterdir()
+    m = Mask.load(run / "replicate-0" / "level-1" / "magnitude" / "mask.safetensors")
+    assert m.layer_density()["hidden.0.weight"] == pytest.approx(0.75, abs=0.02)
+    assert main([*args[:-4], "--layer-density", "first=x", "--runs-dir", str(tmp_path)]) == 2
+    capsys.readouterr()

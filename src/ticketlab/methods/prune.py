@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import UsageError
 from ..masks import Mask
 from ..protocols import random_mask, random_reinit, snapshot
-from ..pruning.allocation import ALLOCATIONS, canonical_allocation, select
+from ..pruning.allocation import ALLOCATIONS, canonical_allocation, explicit_densities, select
 from ..pruning.criteria import (
     CRITERIA,
     GATE_GRANULARITY,
@@ -67,10 +67,14 @@ class PruneSpec(Spec):
     gates_steps: int = 200
     gates_lr: float = 0.1
     gates_lambda: float = 0.5
+    # per-layer densities of their own, "NAME=D" (NAME: first, output, a layer name);
+    # the other layers share what is left of the target
+    layer_density: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         normalize_target(self)
         object.__setattr__(self, "allocation", canonical_allocation(self.allocation))
+        object.__setattr__(self, "layer_density", tuple(self.layer_density))
         # the lottery's controls are checked by Spec; prune has its own set
         controls = tuple(self.controls)
         object.__setattr__(self, "controls", ())
@@ -121,13 +125,15 @@ class PruneExperiment(Experiment):
             raise UsageError("give the target: --sparsity S or --density D")
         super().__init__(spec, data=data, model_fn=model_fn, model_id=model_id)
         probe = self.model_fn(0)
-        # bad dense-layer names or an unreachable target fail before anything is written
+        # bad layer names or an unreachable target fail before anything is written
+        self.explicit = explicit_densities(spec.layer_density, probe) or None
         select(
             {n: torch.zeros(m.shape) for n, m in Mask.dense(probe).items()},
             Mask.dense(probe),
             spec.density,
             spec.allocation,
             spec.dense_layers,
+            explicit=self.explicit,
             model=probe,
         )
 
@@ -168,7 +174,15 @@ class PruneExperiment(Experiment):
             scores = {n: -s for n, s in scores.items()}
         else:
             self.means = ctx.options.get("input_means")
-        return select(scores, dense, spec.density, spec.allocation, spec.dense_layers, model=model)
+        return select(
+            scores,
+            dense,
+            spec.density,
+            spec.allocation,
+            spec.dense_layers,
+            explicit=self.explicit,
+            model=model,
+        )
 
     def compensated(self, model: nn.Module, start: dict, mask: Mask) -> dict:
         """``start`` with the removed weights' mean contributions moved into the biases

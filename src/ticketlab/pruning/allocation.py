@@ -54,6 +54,25 @@ def dense_names(names: list[str], dense, kinds: dict[str, str] | None = None) ->
     return skip
 
 
+def explicit_densities(items, model: nn.Module) -> dict[str, float]:
+    """``("first=0.5", "fc=0.2", ...)`` as ``{weight name: density}``: a layer is named
+    as in ``dense_names`` (``first``, ``output``, a module or parameter name)."""
+    names = Mask.dense(model).names()
+    kinds = layer_kinds(model)
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        try:
+            density = float(value)
+        except ValueError:
+            density = None
+        if not sep or density is None:
+            raise UsageError(f"layer density must be NAME=DENSITY (e.g. first=0.5); got {item!r}")
+        for n in dense_names(names, (key.strip(),), kinds):
+            out[n] = density
+    return out
+
+
 # one-shot targets ------------------------------------------------------------------------------
 
 
@@ -181,8 +200,9 @@ def select(
     """The mask keeping the highest scores at ``density`` of all masked weights.
 
     ``global`` ranks all non-dense layers together and keeps
-    ``round(density * total)`` weights in all (dense layers included); the
-    others keep ``round(d_i * n_i)`` in each layer. Weights ``mask`` already
+    ``round(density * total)`` weights in all (dense layers and layers at an
+    ``explicit`` density of their own included); the other allocations keep
+    ``round(d_i * n_i)`` in each layer. Weights ``mask`` already
     removed stay removed.
     """
     _check_density(density)
@@ -191,17 +211,30 @@ def select(
     missing = [n for n in names if n not in scores]
     if missing:
         raise UsageError(f"no scores for: {', '.join(missing)}")
-    if allocation == "global" and not explicit:
+    if allocation == "global":
         kinds = layer_kinds(model) if model is not None else None
         skip = dense_names(names, dense, kinds)
-        rest = [n for n in names if n not in skip]
+        fixed = {n: float(d) for n, d in (explicit or {}).items() if n not in skip}
+        for n, d in fixed.items():
+            if n not in names:
+                raise UsageError(f"densities for unknown layers: {n}")
+            if not 0.0 < d <= 1.0:
+                raise UsageError(f"density of {n} must be in (0, 1]; got {d}")
+        rest = [n for n in names if n not in skip and n not in fixed]
         k = int(round(density * mask.num_total())) - sum(int(mask[n].sum()) for n in skip)
+        k -= sum(int(round(d * mask[n].numel())) for n, d in fixed.items())
         if k <= 0 or not rest:
-            raise UsageError(f"density {density} cannot be reached with the dense layers")
+            raise UsageError(
+                f"density {density} cannot be reached with the dense and fixed-density layers"
+            )
         flat = torch.cat([scores[n].detach().flatten().cpu().double() for n in rest])
         keep = torch.cat([mask[n].flatten() for n in rest])
         chosen = _top(flat, keep, k)
         out, offset = {n: mask[n].clone() for n in skip}, 0
+        for n, d in fixed.items():
+            kn = int(round(d * mask[n].numel()))
+            out[n] = _top(scores[n].detach().flatten().cpu(), mask[n].flatten(), kn)
+            out[n] = out[n].view_as(mask[n])
         for n in rest:
             size = mask[n].numel()
             out[n] = chosen[offset : offset + size].view_as(mask[n])

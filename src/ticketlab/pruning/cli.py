@@ -28,6 +28,12 @@ def add_parsers(sub, common, lottery_flags) -> None:
         dest="allocation",
         help=f"how the target is spread over layers: {', '.join(ALLOCATIONS)} (default global)",
     )
+    g.add_argument(
+        "--layer-density",
+        type=_list,
+        help="layers at a density of their own: comma list of NAME=D, NAME first, output "
+        "or a layer name (e.g. first=0.8,output=0.5); the rest share the remaining target",
+    )
     g.add_argument("--when", help="init (default) or trained")
     g.add_argument("--score-batches", type=int, help="minibatches the criterion sees")
     g.add_argument("--score-batch-size", type=int, help="their size (default: --batch-size)")
