@@ -178,3 +178,17 @@ def test_global_allocation_and_bn_scale_alias():
         select_units(scores, 0.5, "nope")
     with pytest.raises(UsageError):
         unit_scores(build("lenet_300_100", (1, 28, 28), 10), "bn")
+
+
+def test_python_api_shrink():
+    import ticketlab as tl
+
+    model = _trained_like(build("vgg11", (1, 16, 16), 10, width=0.125))
+    small, keep = tl.shrink(model, "bn-scale", density=0.25, allocation="global")
+    x = torch.randn(4, 1, 16, 16)
+    masked = copy.deepcopy(model)
+    expand(model, keep).apply_(masked)
+    with torch.no_grad():
+        torch.testing.assert_close(small.double()(x.double()), masked.double()(x.double()))
+    kept = sum(int(m.sum()) for m in keep.values())
+    assert kept == round(0.25 * sum(m.numel() for m in keep.values()))

@@ -59,6 +59,28 @@ def prune(
     return prune_mask(model, mask, fractions, scope=scope, criterion=criterion, generator=generator)
 
 
+def shrink(
+    model: nn.Module,
+    criterion: str = "l1",
+    density: float = 0.5,
+    allocation: str = "layerwise",
+    x=None,
+    residual: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Remove whole units (neurons, channels): ``(smaller model, unit masks)``.
+
+    Scores by ``criterion`` (``l1``, ``l2``, ``bn-scale``, ``redundancy`` with
+    examples ``x``), keeps ``density`` of the units (``layerwise`` or
+    ``global``) and returns a physically smaller copy whose outputs equal the
+    masked original's; ``residual`` also prunes a ResNet's residual stream.
+    """
+    from .pruning.structured import remove_units, select_units, unit_scores
+
+    scores = unit_scores(model, criterion, x=x, residual=residual)
+    keep = select_units(scores, density, allocation)
+    return remove_units(model, keep), keep
+
+
 __all__ = [
     "DataError",
     "Dataset",
@@ -81,6 +103,7 @@ __all__ = [
     "random_reinit",
     "reshuffle",
     "rewind",
+    "shrink",
     "signed_constant",
     "snapshot",
     "train",
