@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -192,3 +193,13 @@ def test_python_api_shrink():
         torch.testing.assert_close(small.double()(x.double()), masked.double()(x.double()))
     kept = sum(int(m.sum()) for m in keep.values())
     assert kept == round(0.25 * sum(m.numel() for m in keep.values()))
+
+
+def test_custom_activations_are_refused():
+    from ticketlab.kwinners import KWinners
+
+    for name in ("lenet_300_100", "resnet20"):
+        act = lambda s: KWinners(math.prod(s), 0.5)  # noqa: E731
+        model = build(name, (1, 28, 28), 10, width=0.25, activation=act)
+        with pytest.raises(UsageError, match="custom activations"):
+            unit_scores(model, "l1")

@@ -164,7 +164,7 @@ def groups(model: nn.Module, residual: bool = False) -> list[Group]:
     from ..models.resnet import ResNet
 
     kind = type(model).__name__
-    if getattr(model, "acts", None) is not None:
+    if getattr(model, "acts", None) is not None or getattr(model, "act", None) is not None:
         raise UsageError(f"structured removal does not support custom activations ({kind})")
     if isinstance(model, ResNet):
         return _resnet_groups(model, residual)
