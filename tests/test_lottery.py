@@ -451,3 +451,38 @@ def test_callback_state_is_checkpointed_and_restored(tmp_path, xor):
     for callbacks in ([Other()], [Counter(), Counter()]):
         with pytest.raises(tl.DataError, match="no state for callback"):
             tl.train(model, xor, spec, workdir=tmp_path / "b", callbacks=callbacks)
+
+
+@pytest.mark.parametrize("protocol", ["rewind", "finetune"])
+def test_train_flops_sum_every_imp_level(tmp_path, protocol):
+    kw = {"rewind": "20it"} if protocol == "rewind" else {"retrain_steps": "10it"}
+    spec = _xor_spec(tmp_path, protocol=protocol, controls=("random-mask",), **kw)
+    rows = {(r["level"], r["variant"]): r for r in Experiment(spec).run()}
+    rdir = next(tmp_path.glob("lottery-*")) / "replicate-0"
+
+    def cost(level, variant, steps):
+        # an MLP's forward pass costs one multiply-add per kept weight and example;
+        # forward + backward = 3 of them, 50 examples a step
+        mask = tl.Mask.load(rdir / f"level-{level}" / variant / "mask.safetensors")
+        return 3 * 50 * steps * sum(int(m.sum()) for _, m in mask.items())
+
+    retrain = 40 if protocol == "rewind" else 10  # [k, T) or the fine-tuning steps
+    control = 40 if protocol == "rewind" else 60  # controls train like a rewound ticket
+    level0 = cost(0, "ticket", 60)
+    assert level0 == 3 * 50 * 60 * (2 * 32 + 32 * 32 + 32 * 2)  # the dense level 0
+    expect = {
+        (0, "ticket"): level0,
+        (1, "ticket"): level0 + cost(1, "ticket", retrain),
+        (1, "random-mask"): level0 + cost(1, "random-mask", control),
+        (2, "ticket"): level0 + cost(1, "ticket", retrain) + cost(2, "ticket", retrain),
+        (2, "random-mask"): level0 + cost(1, "ticket", retrain) + cost(2, "random-mask", control),
+    }
+    assert set(rows) == set(expect)
+    for key, flops in expect.items():
+        assert rows[key]["train_flops"] == pytest.approx(flops, rel=1e-9), key
+        assert rows[key]["steps"] == {0: 60}.get(key[0], control if key[1] != "ticket" else retrain)
+    from ticketlab.runs import read_csv
+
+    for row in read_csv(rdir.parent / "results.csv"):
+        flops = expect[(int(row["level"]), row["variant"])]
+        assert float(row["train_flops"]) == pytest.approx(flops, rel=1e-5)

@@ -12,6 +12,12 @@ ticket, then trains the surviving weights according to the protocol:
   the schedule replayed.
 
 Controls use the same mask and train like a rewound ticket on [k, T).
+
+``train_flops`` counts what it cost to get a row's network: a ticket at level L
+sums every IMP level 0..L (the dense level 0 included), each level's steps x
+batch size x 3 f_S, with f_S the forward multiply-adds at that level's mask as
+``ticketlab dst`` counts a static mask (so the two compare); a control counts the
+levels 0..L-1 that produced its mask plus its own training.
 """
 
 from __future__ import annotations
@@ -140,6 +146,18 @@ class Experiment:
     def seed(self, replicate: int, purpose: str) -> int:
         return replicate_seed(self.spec, replicate, purpose)
 
+    def training_flops(self, mask: Mask, steps: int, batch_size: int | None = None) -> float:
+        """FLOPs of training ``steps`` steps on ``mask``: 3 f_S per example (forward and
+        backward), f_S from :func:`ticketlab.methods.dst.forward_flops` at the mask's
+        per-layer densities, exactly as ``ticketlab dst`` counts a static mask."""
+        from .dst import forward_flops, layer_macs, train_flops_per_step  # dst imports us
+
+        if getattr(self, "_train_macs", None) is None:
+            self._train_macs = layer_macs(self.model_fn(0), self.data.input_shape)
+        f_s = forward_flops(self._train_macs, mask.layer_density())
+        per_example = train_flops_per_step("static", f_s, forward_flops(self._train_macs))
+        return per_example * steps * (batch_size or self.spec.batch_size)
+
     def level_context(self, generator: torch.Generator, init_state: dict) -> Context:
         """What a criterion may need at a level: minibatches of the training data (one of
         ``batch_size``, drawn with ``generator``), the input shape and the initial weights.
@@ -209,10 +227,13 @@ class Experiment:
             snapshot_steps={res.rewind},
             on_snapshot=save_rewind,
             progress=progress,
+            prior_flops=0.0,
         )
         if levels == 0:
             return
         rewind_state = load_state(rewind_path)
+        # the IMP levels before the current one: what it took to find its mask
+        imp_flops = self.training_flops(Mask.dense(model), res.steps)
         for level in range(1, levels + 1):
             ldir = rdir / f"level-{level}"
             prev = rdir / f"level-{level - 1}" / "ticket"
@@ -245,6 +266,7 @@ class Experiment:
                 mask,
                 self._phase(level),
                 progress=progress,
+                prior_flops=imp_flops,
             )
             rewind_phase = (res.rewind, res.steps, None)
             for control in spec.controls:
@@ -268,7 +290,10 @@ class Experiment:
                     cmask,
                     rewind_phase,
                     progress=progress,
+                    prior_flops=imp_flops,
                 )
+            begin, end, _ = self._phase(level)
+            imp_flops += self.training_flops(mask, end - begin)
 
     def _variant(
         self,
@@ -286,12 +311,15 @@ class Experiment:
         spec: Spec | None = None,
         callbacks=(),
         extra: dict | None = None,
+        prior_flops: float | None = None,
     ) -> None:
         """Train one variant in ``vdir`` (skipped when done, resumed when half done).
 
         ``spec`` replaces the experiment's spec for this training (e.g. a longer
         schedule), ``callbacks`` go to the training loop and ``extra`` columns
-        (which may override computed ones) to the result row."""
+        (which may override computed ones) to the result row. With ``prior_flops``
+        (the training FLOPs that found the mask) the row gets ``train_flops``: those
+        plus this training's."""
         if (vdir / "result.json").exists():
             return
         vdir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +361,9 @@ class Experiment:
             **metrics,
             "status": "done",
         }
+        if prior_flops is not None:
+            batch = (spec or self.spec).batch_size
+            row["train_flops"] = prior_flops + self.training_flops(mask, end - begin, batch)
         row.update(extra or {})
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
