@@ -92,10 +92,9 @@ class KWinners(nn.Module):
         if self.training:
             with torch.no_grad():
                 batch = x.shape[0]
-                period = min(self.duty_period, int(self.seen) + batch)
-                self.duty.mul_(1 - batch / period).add_(
-                    win.flatten(1).float().sum(0), alpha=1 / period
-                )
+                # on the device: reading ``seen`` as an int would sync every forward
+                period = (self.seen + batch).clamp(max=self.duty_period).double()
+                self.duty.mul_(1 - batch / period).add_(win.flatten(1).float().sum(0) / period)
                 self.seen += batch
         return x * win
 
