@@ -50,20 +50,30 @@ def test_draw_prune_retrain(tiny, tmp_path, kind, start):
     assert float(ticket["train_flops"]) > float(search["train_flops"])
     tdir = next(tmp_path.glob("early-bird-*/replicate-0/level-1/ticket"))
     mask = Mask.load(tdir / "mask.safetensors")
-    assert abs(mask.density() - float(ticket["density"])) < 1e-4
-    if kind == "channel":  # whole output channels pruned, their BN scale and shift zero
+    if kind == "weight":
+        assert abs(mask.density() - float(ticket["density"])) < 1e-4
+    else:  # whole channels removed: a physically smaller VGG
         from safetensors.torch import load_file
 
         from ticketlab.models import build
+        from ticketlab.pruning.structured import expand
 
+        assert ticket["removed_units"] == "True"
         w = load_file(str(tdir / "weights_end.safetensors"))
         model = build("vgg11", (1, 12, 12), 2, 0.125)
+        keep = {}
         for name in bn_layers(model):
             conv = f"features.{int(name.split('.')[1]) - 1}.weight"
             rows = mask[conv].flatten(1).any(1)
-            assert torch.all(w[f"{name}.weight"][~rows] == 0)
-            assert torch.all(w[f"{name}.bias"][~rows] == 0)
-        assert not all(mask[n].flatten(1).any(1).all() for n in mask.names()[:-1])
+            assert w[f"{name}.weight"].shape == (int(rows.sum()),)
+            assert w[conv].shape[0] == int(rows.sum())
+            keep[conv] = rows
+        assert not all(m.all() for m in keep.values())
+        # its weights are those the unit masks leave: rows and the next layer's inputs
+        removed = expand(model, keep)
+        assert abs(removed.density() - float(ticket["density"])) < 1e-4
+        assert removed.density() < mask.density()
+        assert sum(v.numel() for k, v in w.items() if k in removed.names()) == removed.num_kept()
 
 
 def test_no_draw_exits_zero(tiny, tmp_path, capsys):

@@ -16,18 +16,23 @@ replicate, the search (level 0, variant ``search``) trains the dense network
 with the L1 penalty and the watch, and stops at the draw; the ticket (level 1,
 variant ``ticket``) is the pruned network retrained for the full budget from the
 drawing-epoch weights (``retrain_from="draw"``) or from the initialisation
-(``"init"``). Channel tickets keep the pruned channels' BN scale and shift at
-zero throughout retraining. When no ticket is drawn within the budget the
-search's row says ``ticket_drawn=False`` and there is no ticket row. Both
-phases resume where they were cut: the search's checkpoint carries the watch's
-queue of masks (:meth:`EarlyBirdWatch.state_dict`), and the ticket starts from
-the mask, channels and weights the search wrote at the draw.
+(``"init"``). A channel ticket is physically smaller when the structured path
+can remove its channels layer by layer (VGG, conv nets, BN stacks:
+:func:`removable_units`, ``removed_units=True`` in its row, with its ``params``
+and ``macs``); otherwise (residual streams, a layer left without channels) the
+pruned channels' BN scale and shift are kept at zero throughout retraining.
+When no ticket is drawn within the budget the search's row says
+``ticket_drawn=False`` and there is no ticket row. Both phases resume where
+they were cut: the search's checkpoint carries the watch's queue of masks
+(:meth:`EarlyBirdWatch.state_dict`), and the ticket starts from the mask,
+channels and weights the search wrote at the draw.
 
 Training cost counts 3 forward passes (forward + backward) per example and
 step, with forward multiply-adds from :func:`ticketlab.methods.dst.layer_macs`
-at the weight mask's per-layer density (the dense search at density 1; a
-pruned channel's removed inputs to the next layer are not discounted, so the
-ticket's cost is an upper bound). The lottery pipeline it is compared with
+at the weight mask's per-layer density (the dense search at density 1); a
+physically smaller ticket counts its own multiply-adds, while a channel-masked
+one does not discount a pruned channel's inputs to the next layer (an upper
+bound). The lottery pipeline it is compared with
 trains ``levels + 1`` levels (dense level 0 included) for the full budget each,
 level l at per-layer density ``(1 - f_layer)^l`` with the spec's per-layer
 pruning fractions. ``flops_saved_vs_lottery = 1 - train_flops / lottery``.
@@ -45,6 +50,7 @@ from torch import nn
 from ..errors import UsageError
 from ..masks import Mask, model_density
 from ..protocols import rewind, snapshot
+from ..pruning.structured import groups, multiply_adds, parameter_count, remove_units
 from ..runs import RESULT_COLUMNS, read_json, write_csv, write_json
 from ..spec import Spec
 from ..train import train
@@ -421,7 +427,21 @@ class EarlyBirdExperiment(Experiment):
             rewind(model, load_state(sdir / "weights_draw.safetensors"), mask)
         else:
             mask.apply_(model)  # the initialisation, as built
-        if channels is not None:
+        keep = removable_units(model, channels) if channels is not None else None
+        removed = {}
+        train_mask = mask
+        if keep is not None:  # a physically smaller network
+            full_weights = mask.num_total()
+            model = remove_units(model, keep)
+            train_mask = Mask.dense(model)
+            channels = None  # nothing left to keep at zero
+            removed = {
+                "removed_units": True,
+                "density": train_mask.num_total() / full_weights,
+                "params": parameter_count(model),
+                "macs": multiply_adds(model, self.data.input_shape),
+            }
+        elif channels is not None:
             apply_channel_mask(model, channels)
         tdir.mkdir(parents=True, exist_ok=True)
         mask.save(tdir / "mask.safetensors")
@@ -430,7 +450,7 @@ class EarlyBirdExperiment(Experiment):
             model,
             self.data,
             spec,
-            mask,
+            train_mask,
             data_seed=self.seed(r, "data"),
             aug_seed=self.seed(r, "aug"),
             workdir=tdir,
@@ -439,16 +459,39 @@ class EarlyBirdExperiment(Experiment):
             callbacks=[ChannelKeeper(channels)] if channels is not None else [],
         )
         save_state(tdir / "weights_end.safetensors", snapshot(model))
-        cost = self._cost(search["steps"], None) + self._cost(res.steps, mask.layer_density())
+        if removed:
+            retrain = 3.0 * removed["macs"] * res.steps * spec.batch_size
+        else:
+            retrain = self._cost(res.steps, mask.layer_density())
+        cost = self._cost(search["steps"], None) + retrain
         lottery = self.lottery_flops()
         row = self._row(
             r, 1, "ticket", model, mask, metrics,
             draw_epoch=search["draw_epoch"], ticket_drawn=True, train_flops=cost,
-            lottery_train_flops=lottery, flops_saved_vs_lottery=1 - cost / lottery,
+            lottery_train_flops=lottery, flops_saved_vs_lottery=1 - cost / lottery, **removed,
         )  # fmt: skip
         write_json(tdir / "result.json", row)
         (tdir / "checkpoint.safetensors").unlink(missing_ok=True)
         write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+
+def removable_units(model: nn.Module, channels: dict[str, torch.Tensor]):
+    """The unit masks of :func:`~ticketlab.pruning.structured.remove_units` equivalent to
+    a channel mask over BatchNorm layers, or None when the channels cannot be removed
+    one layer at a time (residual streams, a layer left without channels, a model the
+    structured path does not know)."""
+    try:
+        gs = groups(model)
+    except UsageError:
+        return None
+    keep, covered = {}, set()
+    for g in gs:
+        if len(g.norms) == 1 and g.norms[0] in channels:
+            keep[g.key] = channels[g.norms[0]].detach().cpu().bool()
+            covered.add(g.norms[0])
+    if covered != set(channels) or not all(bool(m.any()) for m in keep.values()):
+        return None
+    return keep
 
 
 def _drawn(sdir) -> bool:
