@@ -30,7 +30,6 @@ NOT_HASHED = frozenset(
         "levels",
         "replicates",
         "controls",
-        "from_scratch",  # structured: Scratch-E/B variants extend a run
         "data_dir",
         "runs_dir",
         "quiet",
@@ -325,8 +324,12 @@ def resolved_dict(spec: Spec, steps_per_epoch: int) -> dict:
     return d
 
 
-def unhashed_fields(method: str) -> frozenset:
-    return NOT_HASHED | (PRUNING_FIELDS if method == "train" else frozenset())
+def unhashed_fields(spec: Spec) -> frozenset:
+    """Fields left out of ``spec``'s hash: :data:`NOT_HASHED`, the pruning knobs of a
+    dense ``train`` run, and the ``EXTENDS`` fields a method's spec class declares
+    (counts or variants that only add to a run, e.g. more tasks)."""
+    own = getattr(type(spec), "EXTENDS", frozenset())
+    return NOT_HASHED | (PRUNING_FIELDS if spec.method == "train" else frozenset()) | own
 
 
 def identity(spec: Spec, steps_per_epoch: int) -> dict:
@@ -337,7 +340,7 @@ def identity(spec: Spec, steps_per_epoch: int) -> dict:
         type(spec)(method=spec.method, dataset=spec.dataset, model=spec.model), steps_per_epoch
     )
     out = {"method": spec.method, "dataset": spec.dataset, "model": spec.model}
-    skip = unhashed_fields(spec.method)
+    skip = unhashed_fields(spec)
     for k, v in mine.items():
         if k in skip:
             continue

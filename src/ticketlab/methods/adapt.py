@@ -45,8 +45,8 @@ from ..errors import UsageError
 from ..forward_mask import attach, score_init
 from ..masks import PRUNABLE_TYPES, Mask, model_density, output_weight_name, prunable_weights
 from ..protocols import snapshot
-from ..runs import RESULT_COLUMNS, open_run, read_json, write_csv, write_json
-from ..spec import Spec, derive_seed, resolved_dict, spec_hash, unhashed_fields
+from ..runs import RESULT_COLUMNS, read_json, write_csv, write_json
+from ..spec import Spec, derive_seed
 from ..train import train
 from .bn_only import bn_layers, freeze_except
 from .lottery import Experiment, collect_results, load_state, save_state
@@ -55,12 +55,13 @@ from .supsup import TASK_KINDS, make_task
 
 VARIANTS = ("film", "supsup", "finetune")
 COLUMNS = ["task", "task_kind", "trained_params"]
-EXTENDS = frozenset({"tasks", "variants"})
 
 
 @dataclass(frozen=True)
 class AdaptSpec(Spec):
     """Knobs of ``ticketlab adapt`` on top of :class:`Spec`."""
+
+    EXTENDS = frozenset({"tasks", "variants"})  # more of them add to the same run
 
     method: str = "adapt"
     weights: str | None = None  # the trained run directory (required)
@@ -177,17 +178,6 @@ class AdaptExperiment(Experiment):
         for r in range(spec.replicates):
             trained_weights_dir(spec.weights, r)  # before the data is loaded
         super().__init__(spec, data=data, model_fn=model_fn, model_id=model_id)
-        # counts that only extend the run
-        self.identity = {k: v for k, v in self.identity.items() if k not in EXTENDS}
-        self.hash = spec_hash(self.identity)
-        self.dir = open_run(
-            spec.runs_dir,
-            spec.method,
-            self.hash,
-            self.identity,
-            resolved_dict(spec, self.spe),
-            unhashed_fields(spec.method) | EXTENDS,
-        )
         classes = self.data.num_classes
         if spec.task_kind == "split" and spec.tasks > classes // 2:
             raise UsageError(

@@ -139,7 +139,7 @@ class Experiment:
             self.hash,
             self.identity,
             resolved_dict(spec, self.spe),
-            unhashed_fields(spec.method),
+            unhashed_fields(spec),
         )
 
     # seeds ------------------------------------------------------------------

@@ -55,7 +55,6 @@ from ..train import steps_per_epoch, train
 from .lottery import Experiment, load_state, replicate_seed, save_state
 
 # Knobs that only extend a stability run.
-EXTENDS = frozenset({"rewind_points", "stability_levels"})
 KEY_COLUMNS = ["rewind_step", "instability", "error_endpoints", "error_max", "alpha_max"]
 KEY_COLUMNS += ["path_points", "bn_batches"]
 PATH_COLUMNS = ["replicate", "level", "rewind_step", "alpha", "test_error", "test_loss"]
@@ -64,6 +63,8 @@ PATH_COLUMNS += ["bn_batches"]
 
 @dataclass(frozen=True)
 class StabilitySpec(Spec):
+    EXTENDS = frozenset({"rewind_points", "stability_levels"})  # more of them extend a run
+
     method: str = "stability"
     rewind_points: tuple[str, ...] = ("0it",)
     stability_levels: tuple[int, ...] = (0,)
@@ -114,8 +115,7 @@ class Stability:
         if ks[-1] >= self.res.steps:
             raise UsageError(f"rewind point {ks[-1]} must be before the end of training")
         self.ks = ks
-        ident = identity(spec, self.spe)
-        self.identity = {k: v for k, v in ident.items() if k not in EXTENDS}
+        self.identity = identity(spec, self.spe)
         self.hash = spec_hash(self.identity)
         self.lottery = None
         if max(spec.stability_levels) > 0:
@@ -126,7 +126,7 @@ class Stability:
             self.hash,
             self.identity,
             resolved_dict(spec, self.spe),
-            unhashed_fields("stability") | EXTENDS,
+            unhashed_fields(spec),
         )
 
     def model(self, r: int):

@@ -69,6 +69,8 @@ class StructuredSpec(Spec):
     removed; a sparsity is stored as the density 1 - S.
     """
 
+    EXTENDS = frozenset({"from_scratch"})  # the Scratch-E/B variants add to a run
+
     method: str = "structured"
     unit_criterion: str = "l1"
     density: float | None = None
