@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ticketlab.cli import main
+from conftest import run_cli
 from ticketlab.data import from_tensors
 from ticketlab.errors import UsageError
 from ticketlab.masks import Mask
@@ -294,12 +294,6 @@ def test_lottery_snip_end_to_end(tmp_path, capsys):
 
 XOR = ["--dataset", "xor", "--model", "mlp_16", "--batch-size", "50"]
 XOR += ["--steps", "40it", "--eval-every", "20it", "--quiet"]
-
-
-def run_cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_prune_snip_end_to_end(tmp_path, capsys):

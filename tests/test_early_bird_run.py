@@ -5,21 +5,14 @@ import csv
 import pytest
 import torch
 
-import ticketlab.methods.lottery as lottery_mod
 from ticketlab.cli import main
-from ticketlab.data import from_tensors
 from ticketlab.masks import Mask
 from ticketlab.methods.early_bird import bn_layers
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(320, 1, 12, 12, generator=g)
-    y = (x[:, 0, :6].mean((1, 2)) > 0).long()
-    data = from_tensors(x[:256], y[:256], x[256:], y[256:], val_size=32, name="tiny")
-    monkeypatch.setattr(lottery_mod, "load_data", lambda *a, **k: data)
-    return data
+def tiny(tiny_images):
+    return tiny_images
 
 
 BASE = ["--model", "vgg11", "--width", "0.125", "--batch-size", "32", "--lr", "0.05"]

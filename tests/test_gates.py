@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ticketlab.cli import main
+from conftest import run_cli
 from ticketlab.data import from_tensors
 from ticketlab.errors import UsageError
 from ticketlab.masks import Mask
@@ -18,12 +18,6 @@ from ticketlab.pruning.criteria import gate_open_probability, hard_concrete
 
 XOR = ["--dataset", "xor", "--model", "mlp_16", "--batch-size", "50"]
 XOR += ["--steps", "40it", "--eval-every", "20it", "--quiet"]
-
-
-def run_cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def tiny_data(n=12):

@@ -7,9 +7,7 @@ import csv
 import pytest
 import torch
 
-import ticketlab.methods.lottery as lottery_mod
-from ticketlab.cli import main
-from ticketlab.data import from_tensors
+from conftest import run_cli
 from ticketlab.masks import Mask
 from ticketlab.methods.lottery import load_state
 from ticketlab.models import build
@@ -17,12 +15,6 @@ from ticketlab.pruning.structured import groups, remove_units
 
 XOR = ["--dataset", "xor", "--model", "mlp_16_16", "--batch-size", "50"]
 XOR += ["--steps", "40it", "--eval-every", "20it", "--quiet"]
-
-
-def run_cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def rows(run):
@@ -59,16 +51,6 @@ def test_finetune_and_scratch_variants(tmp_path, capsys):
     scratch = load_state(rep / "level-1" / "scratch-e" / "weights_start.safetensors")
     assert {k: v.shape for k, v in scratch.items()} == {k: v.shape for k, v in start.items()}
     assert not torch.equal(scratch["hidden.0.weight"], start["hidden.0.weight"])
-
-
-@pytest.fixture
-def tiny_images(monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(320, 1, 12, 12, generator=g)
-    y = (x[:, 0, :6].mean((1, 2)) > 0).long()
-    data = from_tensors(x[:256], y[:256], x[256:], y[256:], val_size=32, name="tiny")
-    monkeypatch.setattr(lottery_mod, "load_data", lambda *a, **k: data)
-    return data
 
 
 def _bn_l1(run):
@@ -112,3 +94,17 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
         assert rc == 2, extra
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_from_scratch_extends_the_same_run(tmp_path, capsys):
+    base = ["structured", *XOR, "--criterion", "l1", "--density", "0.5"]
+    base += ["--runs-dir", tmp_path]
+    assert run_cli(capsys, *base)[0] == 0
+    (run,) = tmp_path.iterdir()
+    dense = run / "replicate-0" / "level-0" / "dense" / "result.json"
+    before = dense.stat().st_mtime_ns
+    assert set(rows(run)) == {"dense", "finetune"}
+    assert run_cli(capsys, *base, "--from-scratch")[0] == 0
+    assert list(tmp_path.iterdir()) == [run]  # same run, nothing retrained
+    assert dense.stat().st_mtime_ns == before
+    assert set(rows(run)) == {"dense", "finetune", "scratch-e", "scratch-b"}
