@@ -8,6 +8,8 @@ the per-layer densities) and writes:
 - ``early_stop.png``: the early-stop step (minimum validation loss) against density;
 - ``layers-<run>.png``: per-layer density at each level of replicate 0;
 - ``instability.png`` and ``paths-<run>.png`` for stability runs;
+- ``noise.png`` for noise-robustness runs: test accuracy against the scale of
+  the Gaussian noise added to test inputs, one line per network;
 - ``report.html`` with every figure and the numbers behind it. A row is marked
   ``matching`` when its mean test accuracy is at least the dense network's mean
   minus one std over replicates (Frankle et al.).
@@ -179,6 +181,9 @@ def build_report(run_dirs, out_dir) -> Path:
     stab = [r for r in runs if "instability" in r.columns]
     if stab:
         sections.append(_stability_section(stab, out))
+    noisy = [r for r in runs if "noise" in r.columns]
+    if noisy:
+        sections.append(_noise_section(noisy, out))
     sections.append(_raw_section(runs))
     intro = (
         "Runs: "
@@ -261,6 +266,54 @@ def _accuracy_section(runs, summaries, out: Path) -> Section:
             )
         )
     return section
+
+
+def _noise_section(runs, out: Path) -> Section:
+    """Accuracy against input-noise scale, one line per run and variant (network)."""
+    series, tables = [], []
+    for r in runs:
+        groups: dict[tuple[str, float], list[float]] = {}
+        for row in r.rows:
+            key = (row["variant"], float(row["noise"]))
+            groups.setdefault(key, []).append(float(row["test_accuracy"]))
+        variants = list(dict.fromkeys(v for v, _ in groups))
+        rows = []
+        for v in variants:
+            xs = sorted(x for w, x in groups if w == v)
+            stats = [_mean_std(groups[(v, x)]) for x in xs]
+            series.append(
+                {
+                    "label": f"{r.label} {v}",
+                    "x": xs,
+                    "mean": [100 * m for m, _ in stats],
+                    "std": [100 * sd for _, sd in stats],
+                }
+            )
+            for x, (m, sd) in zip(xs, stats):
+                rows.append([v, f"{x:g}", str(len(groups[(v, x)])), _pct(m), _pct(sd)])
+        cols = ["network", "noise scale", "n", "test acc % mean", "std"]
+        tables.append(
+            Table(f"{r.label}: accuracy under noise", cols, rows, str(r.path / "results.csv"))
+        )
+    png = figures.metric_vs_x(
+        series,
+        "scale of the Gaussian noise added to test inputs",
+        "test accuracy %",
+        "Noise robustness",
+        out / "noise.png",
+    )
+    return Section(
+        "Noise robustness",
+        figures=[(png, f"Test accuracy under input noise (mean, {figures.BAND_NOTE}).")],
+        tables=tables,
+    )
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def _early_stop_section(runs, summaries, out: Path) -> Section:

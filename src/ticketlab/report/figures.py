@@ -120,6 +120,24 @@ def instability_vs_rewind(series: list[dict], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def metric_vs_x(series: list[dict], xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """One line per series ``{"label", "x", "mean", "std"}`` on a linear x axis (e.g. the
+    scale of input noise), with a std band."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in series:
+        (line,) = ax.plot(s["x"], s["mean"], marker="o", ms=3.5, label=s["label"])
+        lo = [a - b for a, b in zip(s["mean"], s["std"])]
+        hi = [a + b for a, b in zip(s["mean"], s["std"])]
+        ax.fill_between(s["x"], lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(fontsize=8, title=BAND_NOTE, title_fontsize=7)
+    return _save(fig, path)
+
+
 def heatmap(matrix: list[list[float]], labels: list[str], title: str, path: Path) -> Path:
     """A square matrix (e.g. Jaccard overlap between masks) with its values printed."""
     n = len(labels)
