@@ -8,6 +8,8 @@ the per-layer densities) and writes:
 - ``early_stop.png``: the early-stop step (minimum validation loss) against density;
 - ``layers-<run>.png``: per-layer density at each level of replicate 0;
 - ``instability.png`` and ``paths-<run>.png`` for stability runs;
+- ``tasks.png`` for SupSup runs: accuracy on each task (task id given) and with
+  the id inferred, after each new task is learned;
 - ``noise.png`` for noise-robustness runs: test accuracy against the scale of
   the Gaussian noise added to test inputs, one line per network;
 - ``report.html`` with every figure and the numbers behind it. A row is marked
@@ -184,6 +186,9 @@ def build_report(run_dirs, out_dir) -> Path:
     noisy = [r for r in runs if "noise" in r.columns]
     if noisy:
         sections.append(_noise_section(noisy, out))
+    continual = [r for r in runs if "eval_task" in r.columns]
+    if continual:
+        sections.append(_continual_section(continual, out))
     sections.append(_raw_section(runs))
     intro = (
         "Runs: "
@@ -305,6 +310,57 @@ def _noise_section(runs, out: Path) -> Section:
     return Section(
         "Noise robustness",
         figures=[(png, f"Test accuracy under input noise (mean, {figures.BAND_NOTE}).")],
+        tables=tables,
+    )
+
+
+def _continual_section(runs, out: Path) -> Section:
+    """SupSup: each task's accuracy as later tasks are learned, and with the id inferred."""
+    series, tables = [], []
+    for r in runs:
+        groups: dict[tuple[str, int], list[dict]] = {}
+        for row in r.rows:
+            task = "inferred" if row["variant"] == "task-inferred" else f"task {row['eval_task']}"
+            groups.setdefault((task, int(row["level"])), []).append(row)
+        rows = []
+        for task in dict.fromkeys(t for t, _ in groups):
+            levels = sorted(lv for t, lv in groups if t == task)
+            stats = [
+                _mean_std([float(x["test_accuracy"]) for x in groups[(task, lv)]]) for lv in levels
+            ]
+            series.append(
+                {
+                    "label": f"{r.label} {task}" + (" (id inferred)" if task == "inferred" else ""),
+                    "x": [lv + 1 for lv in levels],
+                    "mean": [100 * m for m, _ in stats],
+                    "std": [100 * sd for _, sd in stats],
+                }
+            )
+            for lv, (m, sd) in zip(levels, stats):
+                found = [x.get("inference_accuracy", "") for x in groups[(task, lv)]]
+                found = [float(f) for f in found if f not in ("", None)]
+                rows.append(
+                    [
+                        task,
+                        str(lv + 1),
+                        str(len(groups[(task, lv)])),
+                        _pct(m),
+                        _pct(sd),
+                        _pct(sum(found) / len(found)) if found else "",
+                    ]
+                )
+        cols = ["evaluated on", "tasks learned", "n", "test acc % mean", "std", "id found %"]
+        tables.append(
+            Table(f"{r.label}: accuracy per task", cols, rows, str(r.path / "results.csv"))
+        )
+    png = figures.metric_vs_x(
+        series, "tasks learned", "test accuracy %", "Accuracy as tasks are added", out / "tasks.png"
+    )
+    return Section(
+        "Continual learning",
+        figures=[
+            (png, f"Accuracy per task and with the task inferred (mean, {figures.BAND_NOTE}).")
+        ],
         tables=tables,
     )
 
