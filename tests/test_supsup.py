@@ -65,7 +65,7 @@ def test_earlier_tasks_unchanged_and_inference(tmp_path):
     for (level, task), acc in given.items():
         assert got[(f"task {task}", level + 1)] == pytest.approx(100 * acc, abs=0.01)
     for r in inferred:
-        assert got[("inferred", r["level"] + 1)] == pytest.approx(
+        assert got[("id inferred", r["level"] + 1)] == pytest.approx(
             100 * r["test_accuracy"], abs=0.01
         )
 

@@ -320,7 +320,9 @@ def _continual_section(runs, out: Path) -> Section:
     for r in runs:
         groups: dict[tuple[str, int], list[dict]] = {}
         for row in r.rows:
-            task = "inferred" if row["variant"] == "task-inferred" else f"task {row['eval_task']}"
+            task = (
+                "id inferred" if row["variant"] == "task-inferred" else f"task {row['eval_task']}"
+            )
             groups.setdefault((task, int(row["level"])), []).append(row)
         rows = []
         for task in dict.fromkeys(t for t, _ in groups):
@@ -330,7 +332,7 @@ def _continual_section(runs, out: Path) -> Section:
             ]
             series.append(
                 {
-                    "label": f"{r.label} {task}" + (" (id inferred)" if task == "inferred" else ""),
+                    "label": f"{r.label} {task}",
                     "x": [lv + 1 for lv in levels],
                     "mean": [100 * m for m, _ in stats],
                     "std": [100 * sd for _, sd in stats],
@@ -354,7 +356,12 @@ def _continual_section(runs, out: Path) -> Section:
             Table(f"{r.label}: accuracy per task", cols, rows, str(r.path / "results.csv"))
         )
     png = figures.metric_vs_x(
-        series, "tasks learned", "test accuracy %", "Accuracy as tasks are added", out / "tasks.png"
+        series,
+        "tasks learned",
+        "test accuracy %",
+        "Accuracy as tasks are added",
+        out / "tasks.png",
+        integer_x=True,
     )
     return Section(
         "Continual learning",

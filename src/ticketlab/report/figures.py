@@ -14,7 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator  # noqa: E402
 
 BAND_NOTE = "band: ± 1 std over replicates"
 DPI = 110
@@ -120,10 +120,14 @@ def instability_vs_rewind(series: list[dict], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def metric_vs_x(series: list[dict], xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+def metric_vs_x(
+    series: list[dict], xlabel: str, ylabel: str, title: str, path: Path, integer_x: bool = False
+) -> Path:
     """One line per series ``{"label", "x", "mean", "std"}`` on a linear x axis (e.g. the
-    scale of input noise), with a std band."""
+    scale of input noise), with a std band; ``integer_x`` puts ticks on whole numbers."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for s in series:
         (line,) = ax.plot(s["x"], s["mean"], marker="o", ms=3.5, label=s["label"])
         lo = [a - b for a, b in zip(s["mean"], s["std"])]
