@@ -108,3 +108,20 @@ def test_from_scratch_extends_the_same_run(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [run]  # same run, nothing retrained
     assert dense.stat().st_mtime_ns == before
     assert set(rows(run)) == {"dense", "finetune", "scratch-e", "scratch-b"}
+
+
+def test_finetune_lr_default_survives_a_cosine_schedule(tmp_path):
+    from ticketlab.methods.structured import StructuredExperiment, StructuredSpec
+
+    def lr(**kw):
+        spec = StructuredSpec(
+            model="mlp_16", dataset="xor", steps="40it", batch_size=50, lr=0.1,
+            sparsity=0.5, runs_dir=str(tmp_path), quiet=True, **kw,
+        )  # fmt: skip
+        return StructuredExperiment(spec).finetune_lr()
+
+    assert lr(schedule="cosine") == pytest.approx(0.001)  # the cosine ends near 0
+    assert lr() == pytest.approx(0.1)  # constant: the final LR is the LR
+    assert lr(schedule="step", milestones=("10it",), gamma=0.5) == pytest.approx(0.05)
+    assert lr(schedule="cosine", finetune_lr=0.02) == pytest.approx(0.02)
+    assert not list(tmp_path.iterdir())  # nothing written

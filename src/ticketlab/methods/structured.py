@@ -13,7 +13,10 @@ Per replicate:
   network slimming), and build the physically smaller network. The saved unit
   masks (``level-1/units.safetensors``) rebuild it exactly;
 - level 1, variant ``finetune``: the smaller network from the trained weights,
-  trained ``retrain_steps`` (default T) at the final LR of the schedule;
+  trained ``retrain_steps`` (default T) at a fixed LR, ``finetune_lr`` or by
+  default the schedule's final LR but at least 1/100 of the base LR (Liu et al.
+  fine-tune at 0.001 after training at 0.1; a cosine schedule ends near 0,
+  which would leave the pruned network as it was cut);
 - with ``from_scratch`` (Liu et al. 2019, "Rethinking the value of network
   pruning"): ``scratch-e``, the smaller architecture freshly initialised and
   trained for the same T steps and schedule; ``scratch-b``, the same but for
@@ -81,6 +84,7 @@ class StructuredSpec(Spec):
     from_scratch: bool = False
     scratch_b_cap: float = 2.0
     score_examples: int = 1000
+    finetune_lr: float | None = None  # None: max(final LR of the schedule, lr / 100)
 
     def __post_init__(self) -> None:
         normalize_target(self)
@@ -102,6 +106,10 @@ class StructuredSpec(Spec):
             raise UsageError(f"slimming-l1 must be >= 0; got {self.slimming_l1}")
         if not (isinstance(self.scratch_b_cap, (int, float)) and self.scratch_b_cap >= 1):
             raise UsageError(f"scratch-b-cap must be >= 1; got {self.scratch_b_cap}")
+        if self.finetune_lr is not None and not (
+            isinstance(self.finetune_lr, (int, float)) and self.finetune_lr > 0
+        ):
+            raise UsageError(f"finetune-lr must be positive; got {self.finetune_lr}")
         if isinstance(self.score_examples, bool) or not (
             isinstance(self.score_examples, int) and self.score_examples >= 2
         ):
@@ -172,6 +180,11 @@ class StructuredExperiment(Experiment):
             "removal_max_abs_diff": diff,
         }
 
+    def finetune_lr(self) -> float:
+        """``finetune_lr``, or the schedule's final LR but at least 1/100 of the base LR."""
+        spec = self.spec
+        return spec.finetune_lr or max(lr_at(self.res.steps - 1, spec, self.res), spec.lr / 100)
+
     def _scaled_spec(self, factor: float) -> tuple[StructuredSpec, int]:
         """The spec with the schedule stretched by ``factor`` (Scratch-B), and its steps."""
         res = self.res
@@ -208,7 +221,7 @@ class StructuredExperiment(Experiment):
         keep = self.units(model, r, ldir / "units.safetensors")
         small = remove_units(model, keep)
         extra = self.describe(model, small, keep)
-        final_lr = lr_at(res.steps - 1, spec, res)
+        final_lr = self.finetune_lr()
         self._variant(
             small,
             ldir / "finetune",

@@ -50,6 +50,11 @@ def add_parsers(sub, common, lottery_flags) -> None:
     )
     g.add_argument("--scratch-b-cap", type=float, help="Scratch-B budget cap, x T (2)")
     g.add_argument("--retrain-steps", help="fine-tuning budget (default: the training budget)")
+    g.add_argument(
+        "--finetune-lr",
+        type=float,
+        help="fine-tuning LR (default: the schedule's final LR, at least 1/100 of --lr)",
+    )
     g.add_argument("--score-examples", type=int, help="examples for 'redundancy' (1000)")
     p.set_defaults(handler=run_structured)
 
