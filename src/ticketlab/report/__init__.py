@@ -273,29 +273,36 @@ def _accuracy_section(runs, summaries, out: Path) -> Section:
     return section
 
 
+def _curves(run: Run, key) -> tuple[list[dict], list[tuple]]:
+    """Lines of test accuracy (mean ± std over replicates) from the rows of ``run``:
+    ``key(row)`` gives each row's (line name, x). Returns the series for
+    :func:`figures.metric_vs_x` and one ``(line, x, rows, mean, std)`` per point."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in run.rows:
+        groups.setdefault(key(row), []).append(row)
+    series, points = [], []
+    for line in dict.fromkeys(name for name, _ in groups):
+        xs = sorted(x for name, x in groups if name == line)
+        stats = [_mean_std([float(r["test_accuracy"]) for r in groups[(line, x)]]) for x in xs]
+        series.append(
+            {
+                "label": f"{run.label} {line}",
+                "x": xs,
+                "mean": [100 * m for m, _ in stats],
+                "std": [100 * sd for _, sd in stats],
+            }
+        )
+        points += [(line, x, groups[(line, x)], m, sd) for x, (m, sd) in zip(xs, stats)]
+    return series, points
+
+
 def _noise_section(runs, out: Path) -> Section:
     """Accuracy against input-noise scale, one line per run and variant (network)."""
     series, tables = [], []
     for r in runs:
-        groups: dict[tuple[str, float], list[float]] = {}
-        for row in r.rows:
-            key = (row["variant"], float(row["noise"]))
-            groups.setdefault(key, []).append(float(row["test_accuracy"]))
-        variants = list(dict.fromkeys(v for v, _ in groups))
-        rows = []
-        for v in variants:
-            xs = sorted(x for w, x in groups if w == v)
-            stats = [_mean_std(groups[(v, x)]) for x in xs]
-            series.append(
-                {
-                    "label": f"{r.label} {v}",
-                    "x": xs,
-                    "mean": [100 * m for m, _ in stats],
-                    "std": [100 * sd for _, sd in stats],
-                }
-            )
-            for x, (m, sd) in zip(xs, stats):
-                rows.append([v, f"{x:g}", str(len(groups[(v, x)])), _pct(m), _pct(sd)])
+        lines, points = _curves(r, lambda row: (row["variant"], float(row["noise"])))
+        series += lines
+        rows = [[v, f"{x:g}", str(len(rs)), _pct(m), _pct(sd)] for v, x, rs, m, sd in points]
         cols = ["network", "noise scale", "n", "test acc % mean", "std"]
         tables.append(
             Table(f"{r.label}: accuracy under noise", cols, rows, str(r.path / "results.csv"))
@@ -316,41 +323,20 @@ def _noise_section(runs, out: Path) -> Section:
 
 def _continual_section(runs, out: Path) -> Section:
     """SupSup: each task's accuracy as later tasks are learned, and with the id inferred."""
+
+    def key(row):
+        inferred = row["variant"] == "task-inferred"
+        return ("id inferred" if inferred else f"task {row['eval_task']}", int(row["level"]) + 1)
+
     series, tables = [], []
     for r in runs:
-        groups: dict[tuple[str, int], list[dict]] = {}
-        for row in r.rows:
-            task = (
-                "id inferred" if row["variant"] == "task-inferred" else f"task {row['eval_task']}"
-            )
-            groups.setdefault((task, int(row["level"])), []).append(row)
+        lines, points = _curves(r, key)
+        series += lines
         rows = []
-        for task in dict.fromkeys(t for t, _ in groups):
-            levels = sorted(lv for t, lv in groups if t == task)
-            stats = [
-                _mean_std([float(x["test_accuracy"]) for x in groups[(task, lv)]]) for lv in levels
-            ]
-            series.append(
-                {
-                    "label": f"{r.label} {task}",
-                    "x": [lv + 1 for lv in levels],
-                    "mean": [100 * m for m, _ in stats],
-                    "std": [100 * sd for _, sd in stats],
-                }
-            )
-            for lv, (m, sd) in zip(levels, stats):
-                found = [x.get("inference_accuracy", "") for x in groups[(task, lv)]]
-                found = [float(f) for f in found if f not in ("", None)]
-                rows.append(
-                    [
-                        task,
-                        str(lv + 1),
-                        str(len(groups[(task, lv)])),
-                        _pct(m),
-                        _pct(sd),
-                        _pct(sum(found) / len(found)) if found else "",
-                    ]
-                )
+        for task, x, rs, m, sd in points:
+            found = [float(f) for f in (q.get("inference_accuracy") for q in rs) if f]
+            found_pct = _pct(sum(found) / len(found)) if found else ""
+            rows.append([task, str(x), str(len(rs)), _pct(m), _pct(sd), found_pct])
         cols = ["evaluated on", "tasks learned", "n", "test acc % mean", "std", "id found %"]
         tables.append(
             Table(f"{r.label}: accuracy per task", cols, rows, str(r.path / "results.csv"))
