@@ -283,7 +283,7 @@ def _curves(run: Run, key) -> tuple[list[dict], list[tuple]]:
     series, points = [], []
     for line in dict.fromkeys(name for name, _ in groups):
         xs = sorted(x for name, x in groups if name == line)
-        stats = [_mean_std([float(r["test_accuracy"]) for r in groups[(line, x)]]) for x in xs]
+        stats = [mean_std([float(r["test_accuracy"]) for r in groups[(line, x)]]) for x in xs]
         series.append(
             {
                 "label": f"{run.label} {line}",
@@ -356,13 +356,6 @@ def _continual_section(runs, out: Path) -> Section:
         ],
         tables=tables,
     )
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def _early_stop_section(runs, summaries, out: Path) -> Section:
