@@ -353,3 +353,22 @@ def test_list_criteria(capsys, monkeypatch):
     for name in CRITERIA:
         assert name in out
     assert "Lee et al. 2019" in out
+
+
+@pytest.mark.parametrize(
+    "name", ["snip", "grasp", "taylor", "fisher", "obd", "gates", "variance", "hebbian"]
+)
+def test_scoring_leaves_a_batchnorm_model_as_it_was(name):
+    """Scoring in train mode runs BatchNorm forward; its running statistics must not move."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    model.eval()
+    data = tiny_data(16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = Mask.dense(model)
+    scores = CRITERIA[name](model, mask, full_batch(data, options={"gates_steps": 3}))
+    assert set(scores) == set(mask.names())
+    assert not model.training
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k

@@ -141,17 +141,28 @@ def _grads(model, weights, x, y, loss_fn, create_graph=False):
 
 
 class _mode:
-    """Put a model in train/eval mode for a block, and restore its mode after."""
+    """Put a model in train/eval mode for a block, and restore its mode after.
+
+    In train mode the forward passes of scoring update BatchNorm's running
+    statistics; they are restored too, so scoring leaves the model as it was.
+    """
 
     def __init__(self, model: nn.Module, training: bool):
         self.model, self.training = model, training
 
     def __enter__(self):
         self.was = self.model.training
+        self.buffers = (
+            {k: b.detach().clone() for k, b in self.model.named_buffers()} if self.training else {}
+        )
         self.model.train(self.training)
 
     def __exit__(self, *exc):
         self.model.train(self.was)
+        with torch.no_grad():
+            for k, b in self.model.named_buffers():
+                if k in self.buffers:
+                    b.copy_(self.buffers[k])
 
 
 def _init_weights(ctx: Context, names, name: str) -> dict[str, torch.Tensor]:
