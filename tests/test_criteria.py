@@ -334,6 +334,7 @@ BAD = {
     "sparsity 0": ["--criterion", "snip", "--sparsity", "0"],
     "trained criterion at init": ["--criterion", "large_final", "--density", "0.5"],
     "unknown criterion": ["--criterion", "nope", "--density", "0.5"],
+    "training-time criterion": ["--criterion", "movement", "--density", "0.5"],
     "unknown allocation": ["--criterion", "snip", "--density", "0.5", "--allocation", "x"],
 }
 
@@ -344,6 +345,8 @@ def test_prune_bad_input_exits_2(case, tmp_path, capsys):
     assert rc == 2, err
     assert err.startswith("ticketlab: error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+    if case == "training-time criterion":
+        assert "accumulated while training" in err and "gradual" in err
 
 
 def test_list_criteria(capsys, monkeypatch):

@@ -193,9 +193,22 @@ def validate(spec: Spec) -> None:
     _choice("schedule", spec.schedule, SCHEDULES)
     _choice("scope", spec.scope, SCOPES)
     _choice("protocol", spec.protocol, PROTOCOLS)
-    from .pruning.criteria import criterion_names  # lazy: no import cycle
+    from .pruning.criteria import CRITERIA, criterion_names  # lazy: no import cycle
 
-    _choice("criterion", spec.criterion, criterion_names(spec.method))
+    allowed = criterion_names(spec.method)
+    fn = CRITERIA.get(spec.criterion)
+    if fn is not None and spec.criterion not in allowed:
+        why = (
+            "it is accumulated while training (use ticketlab gradual)"
+            if getattr(fn, "needs_training", False)
+            else "it needs data, the input shape or the initial weights, which this command "
+            "does not give it"
+        )
+        raise UsageError(
+            f"criterion '{spec.criterion}' cannot be used by {spec.method}: {why}; "
+            f"choose from: {', '.join(allowed)}"
+        )
+    _choice("criterion", spec.criterion, allowed)
     for c in spec.controls:
         _choice("control", c, CONTROLS)
     _fraction("prune fraction", spec.prune_fraction)

@@ -12,12 +12,12 @@ def _list(text: str) -> tuple[str, ...]:
 def add_parsers(sub, common, lottery_flags) -> None:
     """Add ``prune`` to the subparsers ``sub`` of the ticketlab command line."""
     from .allocation import ALLOCATIONS
-    from .criteria import CRITERIA
+    from .criteria import criterion_names
 
     p = sub.add_parser("prune", help="one-shot pruning (at init or after training), then training")
     common(p)
     g = p.add_argument_group("pruning")
-    g.add_argument("--criterion", help=f"score: {', '.join(CRITERIA)}")
+    g.add_argument("--criterion", help=f"score: {', '.join(criterion_names('prune'))}")
     target = g.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="fraction of weights removed, in (0, 1)")
     target.add_argument("--density", type=float, help="fraction of weights kept, in (0, 1)")
