@@ -231,3 +231,36 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     for s in sizes:
         w, h = map(int, s.split("x"))
         assert w > 100 and h > 100, sizes
+
+
+def test_a_density_sweep_of_one_shot_runs_is_one_line_per_criterion(tmp_path):
+    """prune runs that differ only in --density are joined; the criterion tells lines apart."""
+    from ticketlab.report import _density_lines, curve_groups, load_runs, summarize
+
+    runs_dir = tmp_path / "runs"
+    prune = ["prune", "--dataset", "xor", "--model", "mlp_16", "--batch-size", "50"]
+    prune += ["--steps", "20it", "--eval-every", "20it", "--quiet", "--runs-dir", str(runs_dir)]
+    for criterion in ("snip", "random"):
+        for density in ("0.5", "0.2"):
+            assert main(prune + ["--criterion", criterion, "--density", density]) == 0
+    runs = load_runs(sorted(p for p in runs_dir.iterdir() if p.is_dir()))
+    groups = curve_groups(runs)
+    assert sorted(len(g) for g, _ in groups) == [2, 2]
+    assert all(tells == [("criterion", g[0].spec["spec"]["criterion"])] for g, tells in groups)
+    summaries = {r.label: summarize(r) for r in runs}
+    lines = {s["label"]: s for s in _density_lines(runs, summaries, "acc")}
+    assert set(lines) == {"prune snip", "prune random"}
+    for g, _ in groups:
+        line = lines[f"prune {g[0].spec['spec']['criterion']}"]
+        by_density = {s["density"]: 100 * s["acc_mean"] for r in g for s in summaries[r.label]}
+        assert len(by_density) == 2 and line["density"] == sorted(by_density, reverse=True)
+        assert line["mean"] == [by_density[d] for d in line["density"]]
+
+
+def test_runs_without_a_density_target_stay_apart(run, tmp_path):
+    from ticketlab.report import curve_groups, load_runs
+
+    other = tmp_path / "copy"
+    shutil.copytree(run, other / run.name)
+    groups = curve_groups(load_runs([run, other / run.name]))
+    assert [len(g) for g, _ in groups] == [1, 1]

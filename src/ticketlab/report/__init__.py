@@ -4,7 +4,8 @@
 the per-layer densities) and writes:
 
 - ``accuracy.png``: test accuracy against density, one line per run and
-  variant, mean ± std over replicates;
+  variant, mean ± std over replicates; runs that differ only in their target
+  density (a ``prune`` or ``dst`` sweep) are joined into one line per variant;
 - ``early_stop.png``: the early-stop step (minimum validation loss) against density;
 - ``layers-<run>.png``: per-layer density at each level of replicate 0;
 - ``instability.png`` and ``paths-<run>.png`` for stability runs;
@@ -202,7 +203,9 @@ def build_report(run_dirs, out_dir) -> Path:
     return page
 
 
-def _series(summary: list[dict], label: str, y: str) -> list[dict]:
+def _series(summary: list[dict], label: str, y: str, names=None) -> list[dict]:
+    """One line per variant (and rewind step) of ``summary``; ``names(variant)`` names it
+    (default: ``label`` and the variant)."""
     out = []
     variants = []
     for s in summary:
@@ -214,8 +217,8 @@ def _series(summary: list[dict], label: str, y: str) -> list[dict]:
             (s for s in summary if s["variant"] == variant and s["rewind_step"] == extra),
             key=lambda s: -s["density"],
         )
-        # a control has no level 0: start its line at the dense network for comparison
-        name = f"{label} {variant}" + (f" k={extra}" if extra != "" else "")
+        name = names(variant) if names else f"{label} {variant}"
+        name += f" k={extra}" if extra != "" else ""
         out.append(
             {
                 "label": name,
@@ -228,10 +231,66 @@ def _series(summary: list[dict], label: str, y: str) -> list[dict]:
     return out
 
 
-def _accuracy_section(runs, summaries, out: Path) -> Section:
+TARGET_FIELDS = ("density", "sparsity")
+
+
+def curve_groups(runs) -> list[tuple[list[Run], list[tuple[str, str]]]]:
+    """Runs that differ only in their target density, grouped to be drawn as one curve.
+
+    A ``prune``, ``dst`` or ``gradual`` run trains at one density, so a sweep over
+    densities is several runs; joined, each criterion reads as a line against
+    density, as an IMP run does. Each group comes with the spec fields (name,
+    value) that tell it from the other groups. Groups keep the order of their
+    first run; runs without a density in their spec stay alone.
+    """
+    import json
+
+    keyed: dict[str, list[Run]] = {}
+    for i, r in enumerate(runs):
+        ident = r.spec.get("identity") or {}
+        if "density" in ident:
+            rest = {k: v for k, v in ident.items() if k not in TARGET_FIELDS}
+            key = json.dumps(rest, sort_keys=True, default=str)
+        else:
+            key = f"alone-{i}"
+        keyed.setdefault(key, []).append(r)
+    groups = list(keyed.values())
+
+    def value(r: Run, k: str) -> str:  # the resolved value, also where it is a default
+        return str((r.spec.get("spec") or {}).get(k, (r.spec.get("identity") or {}).get(k)))
+
+    joined = [g for g in groups if len(g) > 1]
+    names = sorted({k for g in joined for k in g[0].spec["identity"] if k not in TARGET_FIELDS})
+    differing = [k for k in names if len({value(g[0], k) for g in joined}) > 1]
+    return [(g, [(k, value(g[0], k)) for k in differing]) for g in groups]
+
+
+def _density_lines(runs, summaries, y: str) -> list[dict]:
+    """Lines for the density figures: a run's own, or a group's joined over its runs."""
     series = []
-    for r in runs:
-        series += _series(summaries[r.label], r.label, "acc")
+    for group, tells in curve_groups(runs):
+        if len(group) == 1:
+            series += _series(summaries[group[0].label], group[0].label, y)
+            continue
+        merged, seen = [], set()
+        for r in group:  # the dense level of each run is the same network: draw it once
+            for s in summaries[r.label]:
+                key = (s["variant"], s["rewind_step"], round(s["density"], 6))
+                if key not in seen:
+                    seen.add(key)
+                    merged.append(s)
+        method = group[0].method
+
+        def names(variant, tells=tells, method=method):
+            parts = [f"{k}={v}" for k, v in tells if v != variant]
+            return f"{method} {variant}" + (f" ({', '.join(parts)})" if parts else "")
+
+        series += _series(merged, "", y, names)
+    return series
+
+
+def _accuracy_section(runs, summaries, out: Path) -> Section:
+    series = _density_lines(runs, summaries, "acc")
     png = figures.metric_vs_density(
         series, "test accuracy %", "Test accuracy at the end of training", out / "accuracy.png"
     )
@@ -359,9 +418,7 @@ def _continual_section(runs, out: Path) -> Section:
 
 
 def _early_stop_section(runs, summaries, out: Path) -> Section:
-    series = []
-    for r in runs:
-        series += _series(summaries[r.label], r.label, "stop")
+    series = _density_lines(runs, summaries, "stop")
     png = figures.metric_vs_density(
         series,
         "early-stop step (min. validation loss)",
