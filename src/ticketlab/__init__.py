@@ -30,6 +30,7 @@ from torch import nn
 from . import data, models
 from .data import Dataset, from_tensors
 from .errors import DataError, RunInterrupted, UsageError
+from .load import load_model
 from .masks import Mask, model_density, prunable_weights
 from .methods.lottery import Experiment, lottery
 from .protocols import random_mask, random_reinit, reshuffle, rewind, signed_constant, snapshot
@@ -94,6 +95,7 @@ __all__ = [
     "data",
     "evaluate",
     "from_tensors",
+    "load_model",
     "lottery",
     "model_density",
     "models",
