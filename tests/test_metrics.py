@@ -96,3 +96,17 @@ def test_conv_net_channels_and_flatten():
 def test_residual_net_is_nan():
     model = build("resnet20", (3, 8, 8), 2, 0.25, "kaiming_normal", 0)
     assert math.isnan(effective_density(model, Mask.dense(model)))
+
+
+def test_inference_speedup_leaves_modes_and_outputs_alone():
+    """A measurement (no time is asserted): a positive ratio, modes and weights untouched."""
+    from ticketlab.metrics import inference_speedup
+
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
+    small = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    before = {k: v.clone() for k, v in big.state_dict().items()}
+    ratio = inference_speedup(big, small, torch.randn(16, 8), rounds=3)
+    assert 0 < ratio < float("inf")
+    assert big.training and not small.training
+    assert all(torch.equal(big.state_dict()[k], v) for k, v in before.items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -36,6 +37,10 @@ def test_finetune_and_scratch_variants(tmp_path, capsys):
     assert float(ft["unit_density"]) == 0.5
     assert float(ft["removal_max_abs_diff"]) < 1e-5
     assert float(ft["flops_speedup"]) == pytest.approx(320 / 96, rel=1e-5)
+    # measured, so only its presence and sign are checked; the Scratch rows share it
+    speedup = float(ft["inference_speedup"])
+    assert 0 < speedup < math.inf
+    assert float(r["scratch-e"]["inference_speedup"]) == speedup
     # Scratch-B trains for the dense FLOPs, capped at 2x the budget
     assert int(r["scratch-e"]["train_steps"]) == 40
     assert int(r["scratch-b"]["train_steps"]) == 80

@@ -11,6 +11,9 @@
   and its output unit (channel) reaches the output. Conv layers are reduced to
   channel-to-channel graphs: a kernel is alive if any of its entries is kept.
   Biases are ignored (a unit fed only by its bias carries no path).
+- ``inference_speedup`` (rows of networks made physically smaller): measured
+  inference latency of the original network over the smaller one's, on one
+  test batch in this process (:func:`inference_speedup`).
 
 The path computation follows the prunable layers in module order, which is
 the data flow of MLPs and sequential conv nets (pooling, activations and norms
@@ -23,7 +26,9 @@ attempted for them.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -137,6 +142,46 @@ def effective_density(model: nn.Module, mask: Mask, warn: bool = True) -> float:
     return sum(int(eff[n].sum()) for n in names) / total if total else math.nan
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def inference_speedup(reference: nn.Module, model: nn.Module, x: torch.Tensor, rounds: int = 5):
+    """Latency of ``reference`` over that of ``model`` on the batch ``x``, both in eval mode.
+
+    After one warm-up pass each, the two alternate for ``rounds`` rounds of one pass
+    (order rotating; the device synchronised around each), and the median of the
+    per-round ratios is returned: pairs timed back to back cancel slow drifts of a
+    shared machine. It is one process's wall clock, so it varies from run to run;
+    ``benchmarks/structured_speed.py`` takes the careful figure. Modes are restored.
+    """
+    device = x.device
+    modes = [reference.training, model.training]
+    reference.eval()
+    model.eval()
+
+    def timed(net: nn.Module) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        net(x)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    timed(reference), timed(model)
+    ratios = []
+    for r in range(max(1, rounds)):
+        if r % 2 == 0:
+            a, b = timed(reference), timed(model)
+        else:
+            b, a = timed(model), timed(reference)
+        ratios.append(a / b if b > 0 else math.inf)
+    reference.train(modes[0])
+    model.train(modes[1])
+    return statistics.median(ratios)
+
+
 def sparsity_metrics(model: nn.Module, mask: Mask, input_shape: tuple) -> dict[str, float]:
     """The three metrics of a results row."""
     return {
@@ -151,5 +196,6 @@ __all__ = [
     "effective_density",
     "effective_mask",
     "flops_speedup",
+    "inference_speedup",
     "sparsity_metrics",
 ]

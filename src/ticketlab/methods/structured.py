@@ -29,7 +29,10 @@ prunable weights), ``compression_ratio`` (all parameters over the smaller
 network's nonzero ones), ``flops_speedup`` (multiply-adds ratio), and
 ``unit_density``, ``params``, ``macs`` and ``removal_max_abs_diff``, the largest
 output difference between the smaller network and the masked original on a
-test batch (it should be float rounding).
+test batch (it should be float rounding), and ``inference_speedup``, the
+measured latency of the original network over the smaller one's on that batch
+of 256 (:func:`ticketlab.metrics.inference_speedup`; one process's wall clock,
+so it varies between runs).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..masks import Mask, prunable_weights
+from ..metrics import inference_speedup
 from ..models import initialize
 from ..protocols import snapshot
 from ..pruning.structured import (
@@ -158,13 +162,15 @@ class StructuredExperiment(Experiment):
         """Columns of a smaller network, against the original ``model``."""
         masked = copy.deepcopy(model)
         expand(model, keep).apply_(masked)
-        x = self.data.x_test[:256]
+        dev = next(small.parameters()).device
+        x = self.data.x_test[:256].to(dev)
         was = small.training
         small.eval()
         masked.eval()
         with torch.no_grad():
             diff = float((small(x) - masked(x)).abs().max())
         small.train(was)
+        speedup = inference_speedup(model, small, x)
         weights = sum(p.numel() for p in prunable_weights(small).values())
         params, macs = parameter_count(small), multiply_adds(small, self.shape)
         kept = sum(int(m.sum()) for m in keep.values())
@@ -178,6 +184,7 @@ class StructuredExperiment(Experiment):
             "compression_ratio": self.dense_params / params,
             "flops_speedup": self.dense_macs / macs,
             "removal_max_abs_diff": diff,
+            "inference_speedup": speedup,
         }
 
     def finetune_lr(self) -> float:
