@@ -41,6 +41,9 @@ def test_finetune_and_scratch_variants(tmp_path, capsys):
     speedup = float(ft["inference_speedup"])
     assert 0 < speedup < math.inf
     assert float(r["scratch-e"]["inference_speedup"]) == speedup
+    rc, out, _ = run_cli(capsys, "show", run)
+    assert rc == 0
+    assert f"level 1: {320 / 96:.2f}x fewer multiply-adds, {speedup:.2f}x faster" in out
     # Scratch-B trains for the dense FLOPs, capped at 2x the budget
     assert int(r["scratch-e"]["train_steps"]) == 40
     assert int(r["scratch-b"]["train_steps"]) == 80

@@ -49,3 +49,23 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
         row.append(str(first["n"]))
         table.add_row(*row)
     console.print(table)
+    for level, (macs, measured) in sorted(_speedups(rows).items()):
+        console.print(
+            f"level {level}: {macs}x fewer multiply-adds, {measured}x faster on a test batch"
+        )
+
+
+def _speedups(rows: list[dict]) -> dict[int, list[str]]:
+    """Per level, the multiply-add and measured inference speedups (means over replicates)
+    of rows that carry ``inference_speedup``; empty when none do."""
+    by_level: dict[int, list[tuple[float, float]]] = {}
+    for r in rows:
+        try:
+            pair = (float(r["flops_speedup"]), float(r["inference_speedup"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        by_level.setdefault(int(r["level"]), []).append(pair)
+    return {
+        level: [f"{sum(a for a, _ in p) / len(p):.2f}", f"{sum(b for _, b in p) / len(p):.2f}"]
+        for level, p in by_level.items()
+    }
