@@ -115,7 +115,10 @@ def test_from_scratch_extends_the_same_run(tmp_path, capsys):
     assert run_cli(capsys, *base, "--from-scratch")[0] == 0
     assert list(tmp_path.iterdir()) == [run]  # same run, nothing retrained
     assert dense.stat().st_mtime_ns == before
-    assert set(rows(run)) == {"dense", "finetune", "scratch-e", "scratch-b"}
+    r = rows(run)
+    assert set(r) == {"dense", "finetune", "scratch-e", "scratch-b"}
+    # the network is timed once: the rows added later carry the fine-tune row's figure
+    assert r["scratch-e"]["inference_speedup"] == r["finetune"]["inference_speedup"]
 
 
 def test_finetune_lr_default_survives_a_cosine_schedule(tmp_path):

@@ -115,16 +115,22 @@ def load_model(
     extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
     wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     if extra or missing or wrong:
-        what = (extra and f"unexpected {', '.join(extra[:3])}") or (
-            missing and f"missing {', '.join(missing[:3])}"
+        what = (
+            f"unexpected {', '.join(extra[:3])}"
+            if extra
+            else f"missing {', '.join(missing[:3])}"
+            if missing
+            else f"other shapes of {', '.join(sorted(wrong)[:3])}"
         )
         raise UsageError(
-            f"{path} does not fit a plain {spec['model']} ({what or 'other shapes'}); "
+            f"{path} does not fit a plain {spec['model']} ({what}); "
             "networks that keep scores or other state beside their weights cannot be rebuilt"
         )
     model.load_state_dict(state)
     if (vdir / "mask.safetensors").exists():
         mask = Mask.load(vdir / "mask.safetensors")
+        # an early-bird channel ticket's mask is over the original shapes: its removed
+        # units are gone already, so there is nothing left to zero
         if all(k in own and own[k].shape == m.shape for k, m in mask.items()):
             mask.apply_(model)
     return model.eval()

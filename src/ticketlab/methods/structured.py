@@ -60,6 +60,7 @@ from ..pruning.structured import (
     select_units,
     unit_scores,
 )
+from ..runs import read_json
 from ..spec import Spec, normalize_target
 from ..train import lr_at
 from .early_bird import BNL1Penalty
@@ -158,8 +159,11 @@ class StructuredExperiment(Experiment):
         Mask(keep).save(path)
         return keep
 
-    def describe(self, model: nn.Module, small: nn.Module, keep: dict) -> dict:
-        """Columns of a smaller network, against the original ``model``."""
+    def describe(
+        self, model: nn.Module, small: nn.Module, keep: dict, speedup: float | None = None
+    ) -> dict:
+        """Columns of a smaller network, against the original ``model``; ``speedup``, when
+        already measured for this network, is reused rather than timed again."""
         masked = copy.deepcopy(model)
         expand(model, keep).apply_(masked)
         dev = next(small.parameters()).device
@@ -170,7 +174,8 @@ class StructuredExperiment(Experiment):
         with torch.no_grad():
             diff = float((small(x) - masked(x)).abs().max())
         small.train(was)
-        speedup = inference_speedup(model, small, x)
+        if speedup is None:
+            speedup = inference_speedup(model, small, x)
         weights = sum(p.numel() for p in prunable_weights(small).values())
         params, macs = parameter_count(small), multiply_adds(small, self.shape)
         kept = sum(int(m.sum()) for m in keep.values())
@@ -227,7 +232,11 @@ class StructuredExperiment(Experiment):
         ldir = rdir / "level-1"
         keep = self.units(model, r, ldir / "units.safetensors")
         small = remove_units(model, keep)
-        extra = self.describe(model, small, keep)
+        # a resumed or extended replicate keeps the speedup its fine-tune row recorded,
+        # so every row of one network carries the same measurement
+        done = ldir / "finetune" / "result.json"
+        measured = read_json(done).get("inference_speedup") if done.exists() else None
+        extra = self.describe(model, small, keep, measured)
         final_lr = self.finetune_lr()
         self._variant(
             small,

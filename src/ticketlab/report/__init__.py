@@ -20,6 +20,7 @@ the per-layer densities) and writes:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -243,8 +244,6 @@ def curve_groups(runs) -> list[tuple[list[Run], list[tuple[str, str]]]]:
     value) that tell it from the other groups. Groups keep the order of their
     first run; runs without a density in their spec stay alone.
     """
-    import json
-
     keyed: dict[str, list[Run]] = {}
     for i, r in enumerate(runs):
         ident = r.spec.get("identity") or {}
