@@ -50,12 +50,11 @@ import time
 import torch
 from torch import nn
 
+from ticketlab.metrics import multiply_adds, parameter_count
 from ticketlab.models import build
 from ticketlab.models.convnets import VGG
 from ticketlab.pruning.structured import (
     expand,
-    multiply_adds,
-    parameter_count,
     remove_units,
     select_units,
     unit_scores,

@@ -25,12 +25,12 @@ def run_cli(capsys, *args):
 @pytest.fixture
 def tiny_images(monkeypatch):
     """Tiny 1x12x12 two-class image data that every run loads instead of its dataset."""
-    import ticketlab.methods.lottery as lottery_mod
+    import ticketlab.experiment as experiment_mod
     from ticketlab.data import from_tensors
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(320, 1, 12, 12, generator=g)
     y = (x[:, 0, :6].mean((1, 2)) > 0).long()
     data = from_tensors(x[:256], y[:256], x[256:], y[256:], val_size=32, name="tiny")
-    monkeypatch.setattr(lottery_mod, "load_data", lambda *a, **k: data)
+    monkeypatch.setattr(experiment_mod, "load_data", lambda *a, **k: data)
     return data

@@ -96,7 +96,7 @@ def test_prune_with_variance_compensates(tmp_path):
     rows = exp.run()
     assert rows[0]["density"] == pytest.approx(0.5, abs=1e-3)
     vdir = exp.dir / "replicate-0" / "level-1" / "variance"
-    start = tl.methods.lottery.load_state(vdir / "weights_start.safetensors")
+    start = tl.runs.load_state(vdir / "weights_start.safetensors")
     init = exp.model_fn(exp.seed(0, "init")).state_dict()
     biases = [k for k in start if k.endswith("bias")]
     assert any(not torch.equal(start[k], init[k]) for k in biases)

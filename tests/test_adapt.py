@@ -11,7 +11,7 @@ import ticketlab as tl
 from ticketlab.cli import main
 from ticketlab.errors import UsageError
 from ticketlab.methods.adapt import AdaptExperiment, AdaptSpec, add_film, film_parameters
-from ticketlab.methods.lottery import Experiment
+from ticketlab.methods.lottery import LotteryExperiment
 from ticketlab.models import build
 from ticketlab.runs import read_csv
 
@@ -38,7 +38,7 @@ def trained_run(tmp_path, data):
     spec = tl.TrainSpec(
         method="train", model="mlp_32", steps="40it", runs_dir=str(tmp_path / "src"), **TRAINING
     )
-    exp = Experiment(spec, data=data)
+    exp = LotteryExperiment(spec, data=data)
     exp.run()
     return exp.dir
 
@@ -91,7 +91,7 @@ def test_film_on_batchnorm_trains_only_bn_scales_and_shifts(tmp_path):
     data = tl.data.from_tensors(x[:200], y[:200], x[200:], y[200:], val_size=50, name="rows")
     kw = dict(model="resnet20", width=0.25, steps="10it", eval_every="10it", batch_size=32,
               optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, quiet=True)  # fmt: skip
-    source = Experiment(
+    source = LotteryExperiment(
         tl.TrainSpec(method="train", runs_dir=str(tmp_path / "src"), **kw), data=data
     )
     source.run()

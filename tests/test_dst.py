@@ -15,12 +15,10 @@ from ticketlab.masks import Mask, MaskKeeper
 from ticketlab.methods.dst import (
     DSTUpdater,
     drop_fraction,
-    forward_flops,
-    layer_macs,
     random_sparse_mask,
-    train_flops_per_step,
     update_mask,
 )
+from ticketlab.metrics import forward_flops, layer_macs, train_flops_per_step
 
 
 def mlp(seed=0):

@@ -9,8 +9,8 @@ import torch
 
 import ticketlab as tl
 from ticketlab.errors import UsageError
-from ticketlab.forward_mask import attach, kept_count, score_init
 from ticketlab.masks import Mask, prunable_weights
+from ticketlab.masks.forward import attach, kept_count, score_init
 from ticketlab.protocols import random_mask, snapshot
 
 MODELS = [("conv2", (1, 12, 12)), ("lenet_300_100", (1, 8, 8))]

@@ -65,7 +65,7 @@ def test_gradual_run_reaches_target_exactly(tmp_path, allocation):
         for n, m in mask.items():
             assert int(m.sum()) == round(0.2 * m.numel()), n
     assert rows[0]["density"] == pytest.approx(mask.density())
-    weights = tl.methods.lottery.load_state(vdir / "weights_end.safetensors")
+    weights = tl.runs.load_state(vdir / "weights_end.safetensors")
     for n, m in mask.items():
         assert bool((weights[n][~m] == 0).all())
 

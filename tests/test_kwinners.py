@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ticketlab.errors import UsageError
-from ticketlab.kwinners import KWinners, noise_robustness
+from ticketlab.models.kwinners import KWinners, noise_robustness
 
 
 def test_keeps_exactly_k_per_sample_dense_and_conv():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import ticketlab as tl
 from ticketlab.masks import MaskKeeper, layer_kinds
-from ticketlab.methods.lottery import Experiment
+from ticketlab.methods.lottery import LotteryExperiment
 from ticketlab.pruning import layer_fractions
 from ticketlab.pruning import prune as prune_mask
 
@@ -213,7 +213,7 @@ def _weights(path):
 
 def test_rewound_weights_equal_saved_ones_bit_for_bit(tmp_path, xor):
     spec = _xor_spec(tmp_path, rewind="20it", controls=("random-mask",))
-    exp = Experiment(spec)
+    exp = LotteryExperiment(spec)
     exp.run()
     rdir = exp.dir / "replicate-0"
     rewind_state = _weights(rdir / "rewind.safetensors")
@@ -240,7 +240,7 @@ def test_rewound_weights_equal_saved_ones_bit_for_bit(tmp_path, xor):
 @pytest.mark.parametrize("protocol", ["finetune", "lr-rewind"])
 def test_finetune_and_lr_rewind_start_from_final_weights(tmp_path, protocol):
     spec = _xor_spec(tmp_path, protocol=protocol, retrain_steps="20it", levels=1)
-    exp = Experiment(spec)
+    exp = LotteryExperiment(spec)
     rows = {(r["level"], r["variant"]): r for r in exp.run()}
     assert rows[(1, "ticket")]["steps"] == 20
     rdir = exp.dir / "replicate-0"
@@ -457,7 +457,7 @@ def test_callback_state_is_checkpointed_and_restored(tmp_path, xor):
 def test_train_flops_sum_every_imp_level(tmp_path, protocol):
     kw = {"rewind": "20it"} if protocol == "rewind" else {"retrain_steps": "10it"}
     spec = _xor_spec(tmp_path, protocol=protocol, controls=("random-mask",), **kw)
-    rows = {(r["level"], r["variant"]): r for r in Experiment(spec).run()}
+    rows = {(r["level"], r["variant"]): r for r in LotteryExperiment(spec).run()}
     rdir = next(tmp_path.glob("lottery-*")) / "replicate-0"
 
     def cost(level, variant, steps):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-import ticketlab.methods.lottery as lottery_mod
+import ticketlab.experiment as experiment_mod
 from ticketlab.cli import main
 from ticketlab.data import from_tensors
-from ticketlab.kwinners import BoostDecay, KWinners, kwinners_factory
 from ticketlab.models import build
+from ticketlab.models.kwinners import BoostDecay, KWinners, kwinners_factory
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def tiny(monkeypatch):
     x = torch.randn(320, 1, 8, 8, generator=g)
     y = (x[:, 0, :4].mean((1, 2)) > 0).long()
     data = from_tensors(x[:256], y[:256], x[256:], y[256:], val_size=32, name="tiny")
-    monkeypatch.setattr(lottery_mod, "load_data", lambda *a, **k: data)
+    monkeypatch.setattr(experiment_mod, "load_data", lambda *a, **k: data)
     return data
 
 

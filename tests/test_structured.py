@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ticketlab.errors import UsageError
+from ticketlab.metrics import parameter_count
 from ticketlab.models import build
 from ticketlab.pruning.structured import (
     expand,
-    parameter_count,
     remove_units,
     select_units,
     unit_layers,
@@ -119,8 +119,8 @@ def _trained_like(model):
 )
 @pytest.mark.parametrize("how", ["l2", "redundancy"])
 def test_registered_models_shrink_with_equal_outputs(name, shape, width, residual, how):
-    from ticketlab.methods.dst import layer_macs
-    from ticketlab.pruning.structured import groups, multiply_adds
+    from ticketlab.metrics import layer_macs, multiply_adds
+    from ticketlab.pruning.structured import groups
 
     model = _trained_like(build(name, shape, 10, width=width, seed=1))
     x = torch.randn(8, *shape)
@@ -196,7 +196,7 @@ def test_python_api_shrink():
 
 
 def test_custom_activations_are_refused():
-    from ticketlab.kwinners import KWinners
+    from ticketlab.models.kwinners import KWinners
 
     for name in ("lenet_300_100", "resnet20"):
         act = lambda s: KWinners(math.prod(s), 0.5)  # noqa: E731

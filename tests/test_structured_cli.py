@@ -10,9 +10,9 @@ import torch
 
 from conftest import run_cli
 from ticketlab.masks import Mask
-from ticketlab.methods.lottery import load_state
 from ticketlab.models import build
 from ticketlab.pruning.structured import groups, remove_units
+from ticketlab.runs import load_state
 
 XOR = ["--dataset", "xor", "--model", "mlp_16_16", "--batch-size", "50"]
 XOR += ["--steps", "40it", "--eval-every", "20it", "--quiet"]

@@ -8,9 +8,9 @@ from torch import nn
 
 import ticketlab as tl
 from ticketlab.cli import main
-from ticketlab.forward_mask import kept_count
 from ticketlab.masks import Mask, prunable_weights
-from ticketlab.methods.lottery import Experiment
+from ticketlab.masks.forward import kept_count
+from ticketlab.methods.lottery import LotteryExperiment
 from ticketlab.methods.supermask import SupermaskExperiment, SupermaskSpec, supermask, wrap
 from ticketlab.runs import read_csv
 from ticketlab.spec import Spec
@@ -99,7 +99,7 @@ def test_own_module_python_api(tmp_path):
 
 
 def test_same_sign_without_training_and_transfer(tmp_path):
-    dense = Experiment(
+    dense = LotteryExperiment(
         Spec(
             method="train",
             steps="300it",

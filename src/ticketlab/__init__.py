@@ -23,16 +23,16 @@ import os
 # when they are not. Only takes effect if torch is not imported yet.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
-
 from torch import nn
 
 from . import data, models
+from ._version import __version__
 from .data import Dataset, from_tensors
 from .errors import DataError, RunInterrupted, UsageError
+from .experiment import Experiment, run_on_module
 from .load import load_model
 from .masks import Mask, model_density, prunable_weights
-from .methods.lottery import Experiment, lottery
+from .methods.lottery import LotteryExperiment, lottery
 from .protocols import random_mask, random_reinit, reshuffle, rewind, signed_constant, snapshot
 from .pruning import layer_fractions
 from .pruning import prune as prune_mask
@@ -83,9 +83,11 @@ def shrink(
 
 
 __all__ = [
+    "__version__",
     "DataError",
     "Dataset",
     "Experiment",
+    "LotteryExperiment",
     "LotterySpec",
     "Mask",
     "RunInterrupted",
@@ -97,6 +99,7 @@ __all__ = [
     "from_tensors",
     "load_model",
     "lottery",
+    "run_on_module",
     "model_density",
     "models",
     "prunable_weights",

@@ -297,11 +297,10 @@ def layer_reinit_runs(run_dirs, out_dir, level: int = 0, variant: str = "ticket"
     from pathlib import Path
 
     from .data import load as load_data
-    from .methods.lottery import load_state
     from .models import build
     from .protocols import random_reinit
     from .report import figures
-    from .runs import read_json, write_csv
+    from .runs import load_state, read_json, write_csv
 
     dirs = _check_runs(run_dirs)
     jobs = []

@@ -58,11 +58,11 @@ def _variant_dir(run: Path, replicate: int, level: int | None, variant: str | No
 
 def _shrunk_to(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """``model`` with units removed so that its shapes are those of ``state``."""
-    from .pruning.structured import _is_resnet, groups, remove_units
+    from .pruning.structured import groups, is_resnet, remove_units
 
     mods = dict(model.named_modules())
     keep = {}
-    for g in groups(model, residual=_is_resnet(model)):
+    for g in groups(model, residual=is_resnet(model)):
         name = f"{g.producers[0]}.weight"
         if name not in state:
             continue
@@ -88,8 +88,8 @@ def load_model(
     build the module and load its weights with ``load_state_dict``.
     """
     from .data.registry import DATASETS
-    from .methods.lottery import load_state
     from .models import build
+    from .runs import load_state
 
     run = Path(run_dir)
     if weights not in ("end", "start"):

@@ -35,6 +35,69 @@ from torch import nn
 
 from .masks import PRUNABLE_TYPES, Mask
 
+# multiply-adds and FLOPs ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, input_shape: tuple) -> dict[str, int]:
+    """Dense multiply-adds of one example in each prunable layer, from one hooked forward."""
+    out_sizes: dict[str, torch.Size] = {}
+    handles = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            name = f"{mod_name}.weight" if mod_name else "weight"
+
+            def hook(mod, inp, out, name=name):
+                out_sizes[name] = out.shape
+
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    params = dict(model.named_parameters())
+    macs = {}
+    for name, shape in out_sizes.items():
+        w = params[name]
+        # each output element costs (fan-in) multiply-adds: w.numel() / out_channels
+        spatial = math.prod(shape[2:]) if len(shape) > 2 else 1
+        macs[name] = int(w.numel()) * spatial
+    return macs
+
+
+def forward_flops(macs: dict[str, int], densities: dict[str, float] | None = None) -> float:
+    """f_S (with per-layer densities) or f_D (without): multiply-adds of one forward pass."""
+    return float(
+        sum(m * (1.0 if densities is None else densities.get(n, 1.0)) for n, m in macs.items())
+    )
+
+
+def train_flops_per_step(algorithm: str, f_s: float, f_d: float, delta_t: int = 100) -> float:
+    """Per-example training cost of one step as the RigL paper counts it."""
+    if algorithm == "rigl":
+        return (3 * f_s * delta_t + 2 * f_s + f_d) / (delta_t + 1)
+    return 3 * f_s
+
+
+def parameter_count(model: nn.Module) -> int:
+    """All parameters of ``model``, zero or not."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def compression(original: nn.Module, smaller: nn.Module) -> float:
+    """Parameter count ratio original / smaller."""
+    return parameter_count(original) / max(parameter_count(smaller), 1)
+
+
+def multiply_adds(model: nn.Module, input_shape: tuple) -> int:
+    """Multiply-adds of one example's forward pass in the Linear and Conv layers."""
+    return int(sum(layer_macs(model, tuple(input_shape)).values()))
+
 
 def compression_ratio(model: nn.Module) -> float:
     """All parameters over nonzero parameters (inf when every parameter is zero)."""
@@ -47,8 +110,6 @@ def compression_ratio(model: nn.Module) -> float:
 
 def flops_speedup(model: nn.Module, mask: Mask, input_shape: tuple) -> float:
     """Dense over remaining multiply-adds of one forward pass (Linear and Conv layers)."""
-    from .methods.dst import forward_flops, layer_macs  # lazy: dst imports the lottery
-
     macs = layer_macs(model, tuple(input_shape))
     densities = {n: d for n, d in mask.layer_density().items() if n in macs}
     dense, sparse = forward_flops(macs), forward_flops(macs, densities)

@@ -15,7 +15,10 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import DataError, UsageError
 
 RESULT_COLUMNS = [
     "method",
@@ -195,3 +198,15 @@ def open_run(
                 "use another --runs-dir"
             )
     return directory
+
+
+def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise DataError(f"weights file {path} is corrupt: {exc}") from None

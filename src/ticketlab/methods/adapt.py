@@ -42,14 +42,14 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UsageError
-from ..forward_mask import attach, score_init
+from ..experiment import Experiment, collect_results
 from ..masks import PRUNABLE_TYPES, Mask, model_density, output_weight_name, prunable_weights
+from ..masks.forward import attach, score_init
 from ..protocols import snapshot
-from ..runs import RESULT_COLUMNS, read_json, write_csv, write_json
+from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_csv, write_json
 from ..spec import Spec, derive_seed
 from ..train import train
 from .bn_only import bn_layers, freeze_except
-from .lottery import Experiment, collect_results, load_state, save_state
 from .supermask import freeze, trained_weights_dir
 from .supsup import TASK_KINDS, make_task
 

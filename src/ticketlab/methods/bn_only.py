@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density, output_weight_name
 from ..protocols import snapshot
-from ..runs import RESULT_COLUMNS, write_csv, write_json
+from ..runs import RESULT_COLUMNS, save_state, write_csv, write_json
 from ..spec import Spec
 from ..train import train
-from .lottery import Experiment, collect_results, save_state
 
 VARIANTS = ("bn-only", "random-params")
 COLUMNS = ["trainable", "gamma_threshold", "small_gamma_fraction"]

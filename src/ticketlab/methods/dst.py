@@ -31,13 +31,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DataError, UsageError
-from ..masks import PRUNABLE_TYPES, Mask, model_density
+from ..experiment import Experiment, collect_results
+from ..masks import Mask, model_density
+from ..metrics import forward_flops, layer_macs, train_flops_per_step
 from ..protocols import rewind, snapshot
 from ..pruning.allocation import canonical_allocation, layer_densities, select
-from ..runs import RESULT_COLUMNS, atomic_path, write_csv, write_json
+from ..runs import RESULT_COLUMNS, atomic_path, save_state, write_csv, write_json
 from ..spec import Spec, normalize_target
 from ..train import train
-from .lottery import Experiment, collect_results, save_state
 
 ALGORITHMS = ("static", "set", "rigl")
 DISTRIBUTIONS = ("uniform", "er", "erk")
@@ -360,55 +361,6 @@ def checkpoint_step(path: Path) -> int:
         raise DataError(f"checkpoint {path} is corrupt: {exc}") from None
 
 
-# FLOPs -------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def layer_macs(model: nn.Module, input_shape: tuple) -> dict[str, int]:
-    """Dense multiply-adds of one example in each prunable layer, from one hooked forward."""
-    out_sizes: dict[str, torch.Size] = {}
-    handles = []
-    for mod_name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
-            name = f"{mod_name}.weight" if mod_name else "weight"
-
-            def hook(mod, inp, out, name=name):
-                out_sizes[name] = out.shape
-
-            handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        model(torch.zeros((1, *input_shape), device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    params = dict(model.named_parameters())
-    macs = {}
-    for name, shape in out_sizes.items():
-        w = params[name]
-        # each output element costs (fan-in) multiply-adds: w.numel() / out_channels
-        spatial = math.prod(shape[2:]) if len(shape) > 2 else 1
-        macs[name] = int(w.numel()) * spatial
-    return macs
-
-
-def forward_flops(macs: dict[str, int], densities: dict[str, float] | None = None) -> float:
-    """f_S (with per-layer densities) or f_D (without): multiply-adds of one forward pass."""
-    return float(
-        sum(m * (1.0 if densities is None else densities.get(n, 1.0)) for n, m in macs.items())
-    )
-
-
-def train_flops_per_step(algorithm: str, f_s: float, f_d: float, delta_t: int = 100) -> float:
-    """Per-example training cost of one step as the RigL paper counts it."""
-    if algorithm == "rigl":
-        return (3 * f_s * delta_t + 2 * f_s + f_d) / (delta_t + 1)
-    return 3 * f_s
-
-
 # the experiment --------------------------------------------------------------------------------
 
 
@@ -519,9 +471,6 @@ __all__ = [
     "DSTSpec",
     "DSTUpdater",
     "drop_fraction",
-    "forward_flops",
-    "layer_macs",
     "random_sparse_mask",
-    "train_flops_per_step",
     "update_mask",
 ]

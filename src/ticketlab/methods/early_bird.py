@@ -28,7 +28,7 @@ they were cut: the search's checkpoint carries the watch's queue of masks
 channels and weights the search wrote at the draw.
 
 Training cost counts 3 forward passes (forward + backward) per example and
-step, with forward multiply-adds from :func:`ticketlab.methods.dst.layer_macs`
+step, with forward multiply-adds from :func:`ticketlab.metrics.layer_macs`
 at the weight mask's per-layer density (the dense search at density 1); a
 physically smaller ticket counts its own multiply-adds, while a channel-masked
 one does not discount a pruned channel's inputs to the next layer (an upper
@@ -48,13 +48,14 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density
+from ..metrics import forward_flops, layer_macs, multiply_adds, parameter_count
 from ..protocols import rewind, snapshot
-from ..pruning.structured import groups, multiply_adds, parameter_count, remove_units
-from ..runs import RESULT_COLUMNS, read_json, write_csv, write_json
+from ..pruning.structured import groups, remove_units
+from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_csv, write_json
 from ..spec import Spec
 from ..train import train
-from .lottery import Experiment, collect_results, load_state, save_state
 
 MASK_KINDS = ("channel", "weight")
 RETRAIN_FROM = ("draw", "init")
@@ -306,16 +307,12 @@ class EarlyBirdExperiment(Experiment):
 
     def __init__(self, spec: EarlyBirdSpec, data=None, model_fn=None, model_id=None):
         super().__init__(spec, data=data, model_fn=model_fn, model_id=model_id)
-        from .dst import layer_macs
-
         probe = self.model_fn(0)
         if spec.mask_kind == "channel" and not bn_layers(probe):
             raise UsageError(f"model '{spec.model}' has no BatchNorm layers for channel masks")
         self.macs = layer_macs(probe, self.data.input_shape)
 
     def _cost(self, steps: int, densities: dict[str, float] | None) -> float:
-        from .dst import forward_flops
-
         return 3.0 * forward_flops(self.macs, densities) * steps * self.spec.batch_size
 
     def lottery_flops(self) -> float:

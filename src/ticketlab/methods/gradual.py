@@ -14,7 +14,7 @@ updated every Δt steps from t0 to t_end = t0 + n Δt (``--start``, ``--end``,
   come back;
 - :class:`MovementPruner` (``--criterion movement``) accumulates
   S = -Σ_t g_t · w_t with g the gradient of the masked weight, and masks in the
-  forward pass (:func:`ticketlab.forward_mask.attach` + ``set_mask``): the dense
+  forward pass (:func:`ticketlab.masks.forward.attach` + ``set_mask``): the dense
   values stay behind the mask, and a weight whose score rises comes back.
 
 One replicate trains one network for T steps from its initialisation (level 1,
@@ -35,16 +35,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UsageError
-from ..forward_mask import attach
+from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density
+from ..masks.forward import attach
 from ..protocols import rewind, snapshot
 from ..pruning.allocation import canonical_allocation, select
 from ..pruning.criteria import CRITERIA, Context
 from ..pruning.schedules import cubic_sparsity, pruning_steps
-from ..runs import RESULT_COLUMNS, atomic_path, write_csv, write_json
+from ..runs import RESULT_COLUMNS, atomic_path, save_state, write_csv, write_json
 from ..spec import Spec, check_step_string, normalize_target, parse_steps
 from ..train import train
-from .lottery import Experiment, collect_results, save_state
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from ..kwinners import BoostDecay, kwinners_factory, noise_robustness
+from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density
 from ..models import build
+from ..models.kwinners import BoostDecay, kwinners_factory, noise_robustness
 from ..protocols import rewind, snapshot
-from ..runs import RESULT_COLUMNS, write_csv, write_json
+from ..runs import RESULT_COLUMNS, save_state, write_csv, write_json
 from ..spec import Spec
 from ..train import train
 from .dst import DISTRIBUTIONS, random_sparse_mask
-from .lottery import Experiment, collect_results, save_state
 
 VARIANTS = ("dense", "sparse", "sparse-kwinners")
 

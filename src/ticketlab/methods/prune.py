@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..experiment import Experiment
 from ..masks import Mask
 from ..protocols import random_mask, random_reinit, snapshot
 from ..pruning.allocation import ALLOCATIONS, canonical_allocation, explicit_densities, select
@@ -33,8 +34,8 @@ from ..pruning.criteria import (
     compensate_bias,
     needs_trained,
 )
+from ..runs import load_state, save_state
 from ..spec import Spec, normalize_target
-from .lottery import Experiment, load_state, save_state
 
 WHEN = ("init", "trained")
 # sanity checks of pruning at initialisation (Su et al. 2020, Frankle et al. 2021)
@@ -274,7 +275,7 @@ class PruneExperiment(Experiment):
 
 def prune_experiment(model: nn.Module, data, spec: PruneSpec, progress=None) -> list[dict]:
     """One-shot pruning of a user's own module (see :func:`ticketlab.methods.lottery.lottery`)."""
-    from ..methods.lottery import run_on_module
+    from ..experiment import run_on_module
 
     return run_on_module(PruneExperiment, model, data, spec, progress)
 

@@ -33,14 +33,24 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from ..analysis import instability, interpolation_path
 from ..data import load as load_data
 from ..errors import UsageError
+from ..experiment import replicate_seed
 from ..masks import Mask, model_density
 from ..models import build
 from ..protocols import rewind, snapshot
-from ..runs import RESULT_COLUMNS, RunLock, open_run, read_json, write_csv, write_json
+from ..runs import (
+    RESULT_COLUMNS,
+    RunLock,
+    load_state,
+    open_run,
+    read_json,
+    save_state,
+    write_csv,
+    write_json,
+)
 from ..spec import (
     Spec,
     derive_seed,
@@ -52,7 +62,7 @@ from ..spec import (
     unhashed_fields,
 )
 from ..train import steps_per_epoch, train
-from .lottery import Experiment, load_state, replicate_seed, save_state
+from .lottery import LotteryExperiment
 
 # Knobs that only extend a stability run.
 KEY_COLUMNS = ["rewind_step", "instability", "error_endpoints", "error_max", "alpha_max"]
@@ -119,7 +129,7 @@ class Stability:
         self.hash = spec_hash(self.identity)
         self.lottery = None
         if max(spec.stability_levels) > 0:
-            self.lottery = Experiment(lottery_spec(spec), data=None)
+            self.lottery = LotteryExperiment(lottery_spec(spec), data=None)
         self.dir = open_run(
             spec.runs_dir,
             "stability",

@@ -45,8 +45,9 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..experiment import Experiment
 from ..masks import Mask, prunable_weights
-from ..metrics import inference_speedup
+from ..metrics import inference_speedup, multiply_adds, parameter_count
 from ..models import initialize
 from ..protocols import snapshot
 from ..pruning.structured import (
@@ -54,17 +55,14 @@ from ..pruning.structured import (
     canonical_unit_criterion,
     expand,
     groups,
-    multiply_adds,
-    parameter_count,
     remove_units,
     select_units,
     unit_scores,
 )
-from ..runs import read_json
+from ..runs import load_state, read_json
 from ..spec import Spec, normalize_target
 from ..train import lr_at
 from .early_bird import BNL1Penalty
-from .lottery import Experiment, load_state
 
 STRUCTURED_CRITERIA = ("l1", "l2", "bn-scale", "redundancy")
 
@@ -279,7 +277,7 @@ class StructuredExperiment(Experiment):
 def structured_experiment(model: nn.Module, data, spec: StructuredSpec, progress=None):
     """Structured pruning of a user's own module (an ``nn.Sequential`` stack, or a
     registered model class) on ``data``; returns the result rows."""
-    from .lottery import run_on_module
+    from ..experiment import run_on_module
 
     return run_on_module(StructuredExperiment, model, data, spec, progress)
 

@@ -36,20 +36,14 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..forward_mask import MaskedWeights, attach, score_init
+from ..experiment import Experiment, collect_results, run_on_module
 from ..masks import Mask, model_density, prunable_weights
+from ..masks.forward import MaskedWeights, attach, score_init
 from ..models import layer_init_std
 from ..protocols import snapshot
-from ..runs import RESULT_COLUMNS, write_csv, write_json
+from ..runs import RESULT_COLUMNS, load_state, save_state, write_csv, write_json
 from ..spec import Spec
 from ..train import evaluate, train
-from .lottery import (
-    Experiment,
-    collect_results,
-    load_state,
-    run_on_module,
-    save_state,
-)
 
 ALGORITHMS = ("edge-popup", "bernoulli", "same-sign")
 WEIGHT_KINDS = ("init", "signed-constant")

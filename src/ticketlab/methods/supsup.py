@@ -52,13 +52,13 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UsageError
-from ..forward_mask import MaskedWeights, attach, score_init
+from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density, prunable_weights
+from ..masks.forward import MaskedWeights, attach, score_init
 from ..models import build
-from ..runs import RESULT_COLUMNS, read_json, write_csv, write_json
+from ..runs import RESULT_COLUMNS, read_json, save_state, write_csv, write_json
 from ..spec import derive_seed
 from ..train import evaluate, train
-from .lottery import Experiment, collect_results, save_state
 from .supermask import SupermaskSpec, prepare_weights
 
 TASK_KINDS = ("permuted", "split")

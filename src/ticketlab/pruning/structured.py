@@ -321,7 +321,7 @@ def select_units(
 
 
 def _plan(model: nn.Module, keep: dict[str, torch.Tensor]) -> list[tuple[Group, torch.Tensor]]:
-    by_key = {g.key: g for g in groups(model, residual=_is_resnet(model))}
+    by_key = {g.key: g for g in groups(model, residual=is_resnet(model))}
     unknown = [k for k in keep if k not in by_key]
     if unknown:
         raise UsageError(f"no removable units in: {', '.join(unknown)}")
@@ -337,7 +337,8 @@ def _plan(model: nn.Module, keep: dict[str, torch.Tensor]) -> list[tuple[Group, 
     return out
 
 
-def _is_resnet(model: nn.Module) -> bool:
+def is_resnet(model: nn.Module) -> bool:
+    """Whether ``model`` is a registered ResNet (its residual stream can be pruned too)."""
     from ..models.resnet import ResNet
 
     return isinstance(model, ResNet)
@@ -407,32 +408,13 @@ def remove_units(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
     return net
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def compression(original: nn.Module, smaller: nn.Module) -> float:
-    """Parameter count ratio original / smaller."""
-    return parameter_count(original) / max(parameter_count(smaller), 1)
-
-
-def multiply_adds(model: nn.Module, input_shape: tuple) -> int:
-    """Multiply-adds of one example's forward pass in the Linear and Conv layers."""
-    from ..methods.dst import layer_macs  # lazy: dst imports the lottery
-
-    return int(sum(layer_macs(model, tuple(input_shape)).values()))
-
-
 __all__ = [
     "UNIT_ALLOCATIONS",
     "UNIT_CRITERIA",
     "Group",
     "canonical_unit_criterion",
-    "compression",
     "expand",
     "groups",
-    "multiply_adds",
-    "parameter_count",
     "remove_units",
     "select_units",
     "unit_layers",

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -148,7 +148,7 @@ class Mask:
 
     # storage ------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        from .runs import atomic_path
+        from ..runs import atomic_path
 
         # safetensors sorts keys; the layer order (first ... output) is kept in the metadata
         tensors = {k: m.to(torch.uint8).contiguous() for k, m in self._m.items()}

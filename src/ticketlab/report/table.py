@@ -2,8 +2,34 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.table import Table
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std over replicates for each (level, variant)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((int(r["level"]), r["variant"]), []).append(r)
+    out = []
+    for (level, variant), rs in sorted(groups.items()):
+        acc = [float(r["test_accuracy"]) for r in rs]
+        mean = sum(acc) / len(acc)
+        std = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
+        out.append(
+            {
+                "level": level,
+                "variant": variant,
+                "density": float(rs[0]["density"]),
+                "n": len(rs),
+                "test_accuracy": mean,
+                "test_accuracy_std": std,
+                "best_val_step": sum(float(r["best_val_step"]) for r in rs) / len(rs),
+            }
+        )
+    return out
 
 
 def print_results(rows: list[dict], title: str = "", console: Console | None = None) -> None:
@@ -12,8 +38,6 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
     Values are the mean over replicates, with the std when there are several.
     The early-stop step is the step of minimum validation loss.
     """
-    from .methods.lottery import summarize
-
     console = console or Console()
     summary = summarize(rows)
     variants = []

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 class KWinners(nn.Module):

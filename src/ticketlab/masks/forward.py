@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UsageError
-from .masks import Mask, prunable_weights
+from ..errors import UsageError
+from . import Mask, prunable_weights
 
 MODES = ("fixed", "topk", "bernoulli")
 _MASK = "weight_fmask"

@@ -9,21 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import UsageError
+from .common import common_flags, lottery_flags, parse_ints, parse_list, print_table
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"expected a comma list of integers; got {text!r}") from None
-
-
-def _strs(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
-def add_parsers(sub, common, lottery_flags) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("report", help="figures and a self-contained report.html for runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="directory for the PNGs and report.html")
@@ -40,12 +29,14 @@ def add_parsers(sub, common, lottery_flags) -> None:
     p = sub.add_parser(
         "stability", help="instability along linear paths between copies (Frankle et al. 2020)"
     )
-    common(p)
+    common_flags(p)
     lottery_flags(p)
     g = p.add_argument_group("stability")
-    g.add_argument("--rewind-points", type=_strs, help="rewind steps k to fork at: '0it,100it'")
     g.add_argument(
-        "--stability-levels", type=_ints, help="lottery levels to test: '0,3' (0 = dense)"
+        "--rewind-points", type=parse_list, help="rewind steps k to fork at: '0it,100it'"
+    )
+    g.add_argument(
+        "--stability-levels", type=parse_ints, help="lottery levels to test: '0,3' (0 = dense)"
     )
     g.add_argument("--path-points", type=int, help="points on the linear path (default 30)")
     g.add_argument(
@@ -64,7 +55,7 @@ def add_parsers(sub, common, lottery_flags) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from . import build_report
+    from ..report import build_report
 
     page = build_report(args.run_dirs, args.out)
     if not args.quiet:
@@ -77,22 +68,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     rows = compare_runs(args.run_dirs, args.out, level=args.level)
     if not args.quiet:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title="mask overlap (all layers)", title_justify="left")
-        for c in ("a", "b", "jaccard", "hamming"):
-            table.add_column(c)
-        for r in rows:
-            if r["layer"] == "all":
-                table.add_row(r["a"], r["b"], f"{r['jaccard']:.3f}", f"{r['hamming']:.3f}")
-        Console().print(table)
+        print_table(
+            "mask overlap (all layers)",
+            ("a", "b", "jaccard", "hamming"),
+            [
+                (r["a"], r["b"], f"{r['jaccard']:.3f}", f"{r['hamming']:.3f}")
+                for r in rows
+                if r["layer"] == "all"
+            ],
+        )
     return 0
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from ..cli import spec_from_args
     from ..methods.stability import StabilitySpec, run_stability
+    from .common import spec_from_args
 
     spec = spec_from_args(args, "stability", StabilitySpec)
     rows = run_stability(spec)
@@ -113,15 +103,9 @@ def cmd_layer_reinit(args: argparse.Namespace) -> int:
         args.run_dirs, args.out, level=args.level, variant=args.variant, data_dir=args.data_dir
     )
     if not args.quiet:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(
-            title=f"test accuracy with one layer reset ({args.out})", title_justify="left"
+        print_table(
+            f"test accuracy with one layer reset ({args.out})",
+            ("run", "layer", "reset to", "test acc %"),
+            [(r["run"], r["layer"], r["reset"], f"{100 * r['test_accuracy']:.2f}") for r in rows],
         )
-        for c in ("run", "layer", "reset to", "test acc %"):
-            table.add_column(c)
-        for r in rows:
-            table.add_row(r["run"], r["layer"], r["reset"], f"{100 * r['test_accuracy']:.2f}")
-        Console().print(table)
     return 0

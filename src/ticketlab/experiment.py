@@ -1,0 +1,290 @@
+"""The run machinery every method shares.
+
+An :class:`Experiment` owns one run directory (``<runs-dir>/<method>-<hash12>``):
+it resolves and hashes the spec, loads the data, takes the run lock, writes
+``spec.json``, loops over replicates and trains one variant at a time with skip
+and resume (:meth:`Experiment._variant`), writing one result row each. Methods
+subclass it and define what a replicate does; :func:`run_on_module` runs any of
+them on a user's own module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .data import Dataset
+from .data import load as load_data
+from .masks import Mask, model_density
+from .metrics import forward_flops, layer_macs, sparsity_metrics, train_flops_per_step
+from .models import build, initialize
+from .protocols import rewind, snapshot
+from .pruning import Context, layer_fractions
+from .runs import (
+    RESULT_COLUMNS,
+    RunLock,
+    open_run,
+    read_json,
+    save_state,
+    write_csv,
+    write_json,
+)
+from .spec import (
+    Resolved,
+    Spec,
+    derive_seed,
+    identity,
+    resolve,
+    resolved_dict,
+    spec_hash,
+    unhashed_fields,
+)
+from .train import lr_at, steps_per_epoch, train
+
+
+def replicate_seed(spec: Spec, replicate: int, purpose: str) -> int:
+    """The seed of one purpose (init, data, aug, a control) for a replicate.
+
+    A seed given explicitly (``--init-seed``) is used as is for replicate 0.
+    """
+    given = {"init": spec.init_seed, "data": spec.data_seed, "aug": spec.aug_seed}.get(purpose)
+    if given is not None and replicate == 0:
+        return given
+    return derive_seed(spec.seed if given is None else given, replicate, purpose)
+
+
+class Experiment:
+    """What every method shares, bound to its run directory.
+
+    A method subclasses it and overrides :meth:`_replicate` (one replicate's work,
+    usually a few :meth:`_variant` trainings); the base validates the spec, loads the
+    data, opens the run directory, writes ``spec.json`` under the run lock and loops
+    over replicates."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        data: Dataset | None = None,
+        model_fn: Callable[[int], nn.Module] | None = None,
+        model_id: str | None = None,
+    ):
+        self.spec = spec
+        self.data = (
+            data
+            if data is not None
+            else load_data(
+                spec.dataset,
+                data_dir=spec.data_dir,
+                val_size=spec.val_size,
+                split_seed=spec.seed,
+                augment=spec.augment,
+            )
+        )
+        shape, classes = self.data.input_shape, self.data.num_classes
+        if model_fn is None:
+
+            def model_fn(seed: int) -> nn.Module:
+                return build(spec.model, shape, classes, spec.width, spec.init, seed)
+
+        self.model_fn = model_fn
+        self.spe = steps_per_epoch(self.data, spec.batch_size)
+        self.res: Resolved = resolve(spec, self.spe)
+        self.identity = identity(spec, self.spe)
+        if model_id is not None:
+            self.identity["model"] = model_id
+        if data is not None:
+            self.identity["dataset"] = f"{data.name}:{len(data.y_train)}"
+        self.hash = spec_hash(self.identity)
+        # Build once now, so bad layer names fail before anything is written.
+        probe = self.model_fn(0)
+        self.fractions = layer_fractions(
+            probe,
+            Mask.dense(probe),
+            spec.prune_fraction,
+            spec.conv_prune_fraction,
+            spec.output_prune_fraction,
+            spec.dense_layers,
+        )
+        self.dir = open_run(
+            spec.runs_dir,
+            spec.method,
+            self.hash,
+            self.identity,
+            resolved_dict(spec, self.spe),
+            unhashed_fields(spec),
+        )
+
+    # seeds ------------------------------------------------------------------
+    def seed(self, replicate: int, purpose: str) -> int:
+        return replicate_seed(self.spec, replicate, purpose)
+
+    def training_flops(self, mask: Mask, steps: int, batch_size: int | None = None) -> float:
+        """FLOPs of training ``steps`` steps on ``mask``: 3 f_S per example (forward and
+        backward), f_S from :func:`ticketlab.metrics.forward_flops` at the mask's
+        per-layer densities, exactly as ``ticketlab dst`` counts a static mask."""
+        if getattr(self, "_train_macs", None) is None:
+            self._train_macs = layer_macs(self.model_fn(0), self.data.input_shape)
+        f_s = forward_flops(self._train_macs, mask.layer_density())
+        per_example = train_flops_per_step("static", f_s, forward_flops(self._train_macs))
+        return per_example * steps * (batch_size or self.spec.batch_size)
+
+    def level_context(self, generator: torch.Generator, init_state: dict) -> Context:
+        """What a criterion may need at a level: minibatches of the training data (one of
+        ``batch_size``, drawn with ``generator``), the input shape and the initial weights.
+        SynFlow gets no target density, so it scores in one round at each level."""
+        return Context(
+            data=self.data,
+            batches=1,
+            batch_size=self.spec.batch_size,
+            generator=generator,
+            init_state=init_state,
+            input_shape=tuple(self.data.input_shape),
+        )
+
+    # the run ----------------------------------------------------------------
+    def run(self, progress=None) -> list[dict]:
+        spec = self.spec
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.dir):
+            write_json(
+                self.dir / "spec.json",
+                {
+                    "identity": self.identity,
+                    "hash": self.hash,
+                    "spec": resolved_dict(spec, self.spe),
+                    "steps_per_epoch": self.spe,
+                    "version": __version__,
+                },
+            )
+            levels = 0 if spec.method == "train" else spec.levels
+            for r in range(spec.replicates):
+                self._replicate(r, levels, progress)
+        return collect_results(self.dir)
+
+    def _phase(self, level: int) -> tuple[int, int, float | None]:
+        """Steps [start, end) and a fixed LR, for a ticket at ``level``."""
+        res, spec = self.res, self.spec
+        if level == 0:
+            return 0, res.steps, None
+        if spec.protocol == "rewind":
+            return res.rewind, res.steps, None
+        if spec.protocol == "lr-rewind":
+            return res.steps - res.retrain_steps, res.steps, None
+        final_lr = lr_at(res.steps - 1, spec, res)
+        return res.steps, res.steps + res.retrain_steps, final_lr
+
+    def _replicate(self, r: int, levels: int, progress) -> None:
+        """One replicate's work: the part each method defines."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _replicate")
+
+    def _variant(
+        self,
+        model,
+        vdir: Path,
+        r: int,
+        level: int,
+        variant: str,
+        start_state,
+        mask: Mask,
+        phase,
+        snapshot_steps=(),
+        on_snapshot=None,
+        progress=None,
+        spec: Spec | None = None,
+        callbacks=(),
+        extra: dict | None = None,
+        prior_flops: float | None = None,
+    ) -> None:
+        """Train one variant in ``vdir`` (skipped when done, resumed when half done).
+
+        ``spec`` replaces the experiment's spec for this training (e.g. a longer
+        schedule), ``callbacks`` go to the training loop and ``extra`` columns
+        (which may override computed ones) to the result row. With ``prior_flops``
+        (the training FLOPs that found the mask) the row gets ``train_flops``: those
+        plus this training's."""
+        if (vdir / "result.json").exists():
+            return
+        vdir.mkdir(parents=True, exist_ok=True)
+        mask_path = vdir / "mask.safetensors"
+        if mask_path.exists():
+            mask = Mask.load(mask_path)
+        else:
+            mask.save(mask_path)
+        rewind(model, start_state, mask)
+        if not (vdir / "weights_start.safetensors").exists():
+            save_state(vdir / "weights_start.safetensors", snapshot(model))
+        begin, end, lr = phase
+        metrics = train(
+            model,
+            self.data,
+            spec or self.spec,
+            mask,
+            start=begin,
+            end=end,
+            lr_override=lr,
+            data_seed=self.seed(r, "data"),
+            aug_seed=self.seed(r, "aug"),
+            workdir=vdir,
+            snapshot_steps=snapshot_steps,
+            on_snapshot=on_snapshot,
+            progress=progress,
+            label=f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)",
+            callbacks=callbacks,
+        )
+        save_state(vdir / "weights_end.safetensors", snapshot(model))
+        row = {
+            "method": self.spec.method,
+            "replicate": r,
+            "level": level,
+            "variant": variant,
+            "density": mask.density(),
+            "density_all": model_density(model),
+            **sparsity_metrics(model, mask, self.data.input_shape),
+            **metrics,
+            "status": "done",
+        }
+        if prior_flops is not None:
+            batch = (spec or self.spec).batch_size
+            row["train_flops"] = prior_flops + self.training_flops(mask, end - begin, batch)
+        row.update(extra or {})
+        write_json(vdir / "result.json", row)
+        (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
+        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+
+def collect_results(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in Path(run_dir).glob("replicate-*/level-*/*/result.json"):
+        rows.append(read_json(path))
+    order = {"dense": -1, "ticket": 0}
+    rows.sort(key=lambda r: (r["replicate"], r["level"], order.get(r["variant"], 1), r["variant"]))
+    return rows
+
+
+def run_on_module(
+    experiment_cls: type, model: nn.Module, data: Dataset, spec: Spec, progress=None
+) -> list[dict]:
+    """Run an experiment of ``experiment_cls`` on a user's own module and data.
+
+    Replicate 0 starts from the module's own weights; later replicates
+    re-initialise a copy with ``spec.init``. The module itself is not changed.
+    """
+    base = copy.deepcopy(model)
+    n_params = sum(p.numel() for p in base.parameters())
+    first = replicate_seed(spec, 0, "init")
+
+    def model_fn(seed: int) -> nn.Module:
+        m = copy.deepcopy(base)
+        if seed != first:
+            initialize(m, spec.init, torch.Generator().manual_seed(seed))
+        return m
+
+    exp = experiment_cls(
+        spec, data=data, model_fn=model_fn, model_id=f"custom:{type(model).__name__}:{n_params}"
+    )
+    return exp.run(progress)
