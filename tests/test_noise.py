@@ -156,11 +156,11 @@ def test_noise_command(tiny, tmp_path):
     assert dens["dense"] == 1 and abs(dens["sparse"] - 0.3) < 0.02
     assert dens["sparse"] == dens["sparse-kwinners"]
     # the report draws the curves and tabulates the very numbers of results.csv
-    from ticketlab.report import _noise_section, build_report, load_runs
+    from ticketlab.report import build_report, load_runs, noise_section
 
     build_report([path.parent], tmp_path / "report")
     assert (tmp_path / "report" / "noise.png").stat().st_size > 0
-    (table,) = _noise_section(load_runs([path.parent]), tmp_path / "again").tables
+    (table,) = noise_section(load_runs([path.parent]), tmp_path / "again").tables
     acc = {(r["variant"], float(r["noise"])): 100 * float(r["test_accuracy"]) for r in rows}
     assert len(table.rows) == len(acc)
     for variant, scale, n, mean, std in table.rows:  # one replicate: std 0

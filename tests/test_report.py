@@ -235,7 +235,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 def test_a_density_sweep_of_one_shot_runs_is_one_line_per_criterion(tmp_path):
     """prune runs that differ only in --density are joined; the criterion tells lines apart."""
-    from ticketlab.report import _density_lines, curve_groups, load_runs, summarize
+    from ticketlab.report import curve_groups, density_lines, load_runs, summarize
 
     runs_dir = tmp_path / "runs"
     prune = ["prune", "--dataset", "xor", "--model", "mlp_16", "--batch-size", "50"]
@@ -248,7 +248,7 @@ def test_a_density_sweep_of_one_shot_runs_is_one_line_per_criterion(tmp_path):
     assert sorted(len(g) for g, _ in groups) == [2, 2]
     assert all(tells == [("criterion", g[0].spec["spec"]["criterion"])] for g, tells in groups)
     summaries = {r.label: summarize(r) for r in runs}
-    lines = {s["label"]: s for s in _density_lines(runs, summaries, "acc")}
+    lines = {s["label"]: s for s in density_lines(runs, summaries, "acc")}
     assert set(lines) == {"prune snip", "prune random"}
     for g, _ in groups:
         line = lines[f"prune {g[0].spec['spec']['criterion']}"]

@@ -56,11 +56,11 @@ def test_earlier_tasks_unchanged_and_inference(tmp_path):
     # rerunning reuses every finished task
     assert SupsupExperiment(spec, data=easy_data()).run() == rows
     # the report draws one line per task and one with the id inferred, from these rows
-    from ticketlab.report import _continual_section, build_report, load_runs
+    from ticketlab.report import build_report, continual_section, load_runs
 
     build_report([exp.dir], tmp_path / "report")
     assert (tmp_path / "report" / "tasks.png").stat().st_size > 0
-    (table,) = _continual_section(load_runs([exp.dir]), tmp_path / "again").tables
+    (table,) = continual_section(load_runs([exp.dir]), tmp_path / "again").tables
     got = {(t, int(n)): float(acc) for t, n, _, acc, _, _ in table.rows}
     for (level, task), acc in given.items():
         assert got[(f"task {task}", level + 1)] == pytest.approx(100 * acc, abs=0.01)
