@@ -35,13 +35,17 @@ from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density
 from ..metrics import forward_flops, layer_macs, train_flops_per_step
 from ..protocols import rewind, snapshot
-from ..pruning.allocation import canonical_allocation, layer_densities, select
+from ..pruning.allocation import (
+    DISTRIBUTIONS,
+    allocation_of,
+    layer_densities,
+    random_sparse_mask,
+)
 from ..runs import RESULT_COLUMNS, atomic_path, save_state, write_csv, write_json
 from ..spec import Spec, normalize_target
 from ..train import train
 
 ALGORITHMS = ("static", "set", "rigl")
-DISTRIBUTIONS = ("uniform", "er", "erk")
 # optimizer state tensors shaped like the parameter, reset for a new connection
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # beside a variant's checkpoint: its mask and grow generator as of its last mask update
@@ -90,24 +94,6 @@ class DSTSpec(Spec):
 
 
 # masks and schedules ---------------------------------------------------------------------------
-
-
-def allocation_of(distribution: str) -> str:
-    return canonical_allocation(distribution)  # uniform -> layerwise
-
-
-def random_sparse_mask(
-    model: nn.Module,
-    density: float,
-    distribution: str = "erk",
-    first_dense: bool = False,
-    generator: torch.Generator | None = None,
-) -> Mask:
-    """A random mask keeping round(d_i n_i) weights of each layer, d_i from the distribution."""
-    dense = Mask.dense(model)
-    scores = {n: torch.rand(m.shape, generator=generator) for n, m in dense.items()}
-    skip = ("first",) if first_dense else ()
-    return select(scores, dense, density, allocation_of(distribution), skip, model=model)
 
 
 def drop_fraction(t: int, alpha: float, t_end: int, cosine: bool = True) -> float:

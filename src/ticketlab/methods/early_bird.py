@@ -52,37 +52,13 @@ from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density
 from ..metrics import forward_flops, layer_macs, multiply_adds, parameter_count
 from ..protocols import rewind, snapshot
-from ..pruning.structured import groups, remove_units
+from ..pruning.structured import BNL1Penalty, bn_layers, groups, remove_units
 from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_csv, write_json
 from ..spec import Spec
 from ..train import train
 
 MASK_KINDS = ("channel", "weight")
 RETRAIN_FROM = ("draw", "init")
-
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """BatchNorm layers with an affine scale, by module name, in module order."""
-    return {
-        n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES) and m.weight is not None
-    }
-
-
-class BNL1Penalty:
-    """Training-loop callback: adds ``s * sign(gamma)`` to every BN scale's gradient."""
-
-    def __init__(self, s: float = 1e-4):
-        if not s >= 0:
-            raise UsageError(f"the L1 strength s must be >= 0; got {s}")
-        self.s = s
-
-    @torch.no_grad()
-    def before_step(self, step: int, model: nn.Module, optimizer) -> None:
-        for bn in bn_layers(model).values():
-            if bn.weight.grad is not None:
-                bn.weight.grad.add_(torch.sign(bn.weight), alpha=self.s)
 
 
 @torch.no_grad()

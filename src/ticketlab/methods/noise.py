@@ -25,10 +25,10 @@ from ..masks import Mask, model_density
 from ..models import build
 from ..models.kwinners import BoostDecay, kwinners_factory, noise_robustness
 from ..protocols import rewind, snapshot
+from ..pruning.allocation import DISTRIBUTIONS, random_sparse_mask
 from ..runs import RESULT_COLUMNS, save_state, write_csv, write_json
 from ..spec import Spec
 from ..train import train
-from .dst import DISTRIBUTIONS, random_sparse_mask
 
 VARIANTS = ("dense", "sparse", "sparse-kwinners")
 

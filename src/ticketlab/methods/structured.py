@@ -52,6 +52,7 @@ from ..models import initialize
 from ..protocols import snapshot
 from ..pruning.structured import (
     UNIT_ALLOCATIONS,
+    BNL1Penalty,
     canonical_unit_criterion,
     expand,
     groups,
@@ -62,7 +63,6 @@ from ..pruning.structured import (
 from ..runs import load_state, read_json
 from ..spec import Spec, normalize_target
 from ..train import lr_at
-from .early_bird import BNL1Penalty
 
 STRUCTURED_CRITERIA = ("l1", "l2", "bn-scale", "redundancy")
 

@@ -349,3 +349,26 @@ def prune(
             new[n] = chosen[offset : offset + size].view_as(mask[n])
             offset += size
     return Mask({n: new[n] for n in mask.names()})
+
+
+# random masks at a distribution (sparse training from scratch)
+DISTRIBUTIONS = ("uniform", "er", "erk")
+
+
+def allocation_of(distribution: str) -> str:
+    """The allocation a sparse-training distribution name means."""
+    return canonical_allocation(distribution)  # uniform -> layerwise
+
+
+def random_sparse_mask(
+    model: nn.Module,
+    density: float,
+    distribution: str = "erk",
+    first_dense: bool = False,
+    generator: torch.Generator | None = None,
+) -> Mask:
+    """A random mask keeping round(d_i n_i) weights of each layer, d_i from the distribution."""
+    dense = Mask.dense(model)
+    scores = {n: torch.rand(m.shape, generator=generator) for n, m in dense.items()}
+    skip = ("first",) if first_dense else ()
+    return select(scores, dense, density, allocation_of(distribution), skip, model=model)

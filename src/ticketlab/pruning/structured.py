@@ -39,7 +39,7 @@ Unit scores (higher = kept), summed over a group's producers:
 - ``l2``: s_i = ||W_i||_2, the filter's L2 norm;
 - ``bn`` / ``bn-scale`` (Liu et al. 2017, network slimming): s_i = |γ_i| of the
   BatchNorm that follows the producer (train with an L1 penalty on γ first:
-  :class:`~ticketlab.methods.early_bird.BNL1Penalty`);
+  :class:`BNL1Penalty`);
 - ``redundancy``: from the eigen-spectrum of the covariance C = V Λ Vᵀ of the
   activations the consumer sees (conv: over examples and positions): with k the
   fewest components that hold ``energy`` (default 0.99) of the variance,
@@ -100,6 +100,31 @@ class Group:
     @property
     def key(self) -> str:
         return f"{self.producers[0]}.weight"
+
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """BatchNorm layers with an affine scale, by module name, in module order."""
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES) and m.weight is not None
+    }
+
+
+class BNL1Penalty:
+    """Training-loop callback: adds ``s * sign(gamma)`` to every BN scale's gradient."""
+
+    def __init__(self, s: float = 1e-4):
+        if not s >= 0:
+            raise UsageError(f"the L1 strength s must be >= 0; got {s}")
+        self.s = s
+
+    @torch.no_grad()
+    def before_step(self, step: int, model: nn.Module, optimizer) -> None:
+        for bn in bn_layers(model).values():
+            if bn.weight.grad is not None:
+                bn.weight.grad.add_(torch.sign(bn.weight), alpha=self.s)
 
 
 def canonical_unit_criterion(how: str) -> str:
@@ -409,6 +434,8 @@ def remove_units(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
 
 
 __all__ = [
+    "BNL1Penalty",
+    "bn_layers",
     "UNIT_ALLOCATIONS",
     "UNIT_CRITERIA",
     "Group",
