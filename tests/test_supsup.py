@@ -7,11 +7,11 @@ import torch
 
 import ticketlab as tl
 from ticketlab.cli import main
+from ticketlab.data.tasks import make_task
 from ticketlab.errors import UsageError
 from ticketlab.methods.supsup import (
     SupsupExperiment,
     SupsupSpec,
-    make_task,
     superfluous_objective,
 )
 from ticketlab.runs import read_csv

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset
+from ..data.tasks import TASK_KINDS, make_task
 from ..errors import UsageError
 from ..experiment import Experiment, collect_results
 from ..masks import PRUNABLE_TYPES, Mask, model_density, output_weight_name, prunable_weights
@@ -51,7 +52,6 @@ from ..spec import Spec, derive_seed
 from ..train import train
 from .bn_only import bn_layers, freeze_except
 from .supermask import freeze, trained_weights_dir
-from .supsup import TASK_KINDS, make_task
 
 VARIANTS = ("film", "supsup", "finetune")
 COLUMNS = ["task", "task_kind", "trained_params"]

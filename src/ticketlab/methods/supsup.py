@@ -42,7 +42,6 @@ whose task was identified, and ``inference_objective``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
+from ..data.tasks import TASK_KINDS, make_task
 from ..errors import UsageError
 from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density, prunable_weights
@@ -61,7 +61,6 @@ from ..spec import derive_seed
 from ..train import evaluate, train
 from .supermask import SupermaskSpec, prepare_weights
 
-TASK_KINDS = ("permuted", "split")
 OBJECTIVES = ("entropy", "superfluous")
 COLUMNS = ["trained_task", "eval_task", "inference_accuracy", "task_kind", "inference_objective"]
 
@@ -104,42 +103,6 @@ class SupsupSpec(SupermaskSpec):
             )
         if self.weights is not None:
             raise UsageError("supsup uses a frozen random network; --weights is not supported")
-
-
-def _subset(x: torch.Tensor, y: torch.Tensor, pair: tuple[int, int]):
-    keep = (y == pair[0]) | (y == pair[1])
-    return x[keep], (y[keep] == pair[1]).long()
-
-
-def make_task(data: Dataset, kind: str, t: int, seed: int) -> Dataset:
-    """Task ``t`` of the sequence: a permutation of the inputs or a class pair."""
-    if kind == "permuted":
-        n = math.prod(data.input_shape)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-        def tf(x):
-            return x.flatten(1)[:, perm].reshape(x.shape)
-
-        splits = {s: (tf(getattr(data, f"x_{s}")), getattr(data, f"y_{s}")) for s in
-                  ("train", "val", "test")}  # fmt: skip
-        classes = data.num_classes
-    else:
-        pair = (2 * t, 2 * t + 1)
-        splits = {
-            s: _subset(getattr(data, f"x_{s}"), getattr(data, f"y_{s}"), pair)
-            for s in ("train", "val", "test")
-        }
-        classes = 2
-    return Dataset(
-        name=f"{data.name}/{kind}-{t}",
-        x_train=splits["train"][0],
-        y_train=splits["train"][1],
-        x_val=splits["val"][0],
-        y_val=splits["val"][1],
-        x_test=splits["test"][0],
-        y_test=splits["test"][1],
-        num_classes=classes,
-    )
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -371,6 +334,5 @@ __all__ = [
     "SupsupExperiment",
     "SupsupSpec",
     "infer_task",
-    "make_task",
     "superfluous_objective",
 ]
