@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._version import __version__
 from .data import Dataset
 from .data import load as load_data
 from .masks import Mask, model_density
@@ -33,6 +32,7 @@ from .runs import (
     save_state,
     write_csv,
     write_json,
+    write_spec,
 )
 from .spec import (
     Resolved,
@@ -151,16 +151,7 @@ class Experiment:
         spec = self.spec
         self.dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.dir):
-            write_json(
-                self.dir / "spec.json",
-                {
-                    "identity": self.identity,
-                    "hash": self.hash,
-                    "spec": resolved_dict(spec, self.spe),
-                    "steps_per_epoch": self.spe,
-                    "version": __version__,
-                },
-            )
+            write_spec(self.dir, self.identity, self.hash, resolved_dict(spec, self.spe), self.spe)
             levels = 0 if spec.method == "train" else spec.levels
             for r in range(spec.replicates):
                 self._replicate(r, levels, progress)

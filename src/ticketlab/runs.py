@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._version import __version__
 from .errors import DataError, UsageError
 
 RESULT_COLUMNS = [
@@ -155,6 +156,22 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def write_spec(
+    run_dir: str | os.PathLike, identity: dict, hash: str, spec: dict, steps_per_epoch: int
+) -> None:
+    """``spec.json``: the run's identity and hash, its resolved spec and the package version."""
+    write_json(
+        Path(run_dir) / "spec.json",
+        {
+            "identity": identity,
+            "hash": hash,
+            "spec": spec,
+            "steps_per_epoch": steps_per_epoch,
+            "version": __version__,
+        },
+    )
 
 
 def diff_specs(stored: dict, current: dict) -> list[str]:

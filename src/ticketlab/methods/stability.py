@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .._version import __version__
 from ..analysis import instability, interpolation_path
 from ..data import load as load_data
 from ..errors import UsageError
@@ -50,6 +49,7 @@ from ..runs import (
     save_state,
     write_csv,
     write_json,
+    write_spec,
 )
 from ..spec import (
     Spec,
@@ -149,15 +149,8 @@ class Stability:
             self.lottery.run(progress)
         self.dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.dir):
-            write_json(
-                self.dir / "spec.json",
-                {
-                    "identity": self.identity,
-                    "hash": self.hash,
-                    "spec": resolved_dict(self.spec, self.spe),
-                    "steps_per_epoch": self.spe,
-                    "version": __version__,
-                },
+            write_spec(
+                self.dir, self.identity, self.hash, resolved_dict(self.spec, self.spe), self.spe
             )
             for r in range(self.spec.replicates):
                 self._replicate(r, progress)
