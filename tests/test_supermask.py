@@ -64,6 +64,39 @@ def test_bernoulli_reports_learned_density(tmp_path):
     assert rows[0]["learned_density"] != 0.5
 
 
+def test_bernoulli_row_scores_the_saved_binary_mask(tmp_path):
+    """Zhou et al. score a supermask: accuracy, density and the saved mask are one binary mask."""
+    from ticketlab.train import evaluate
+
+    for eval_mask in ("sampled", "threshold"):
+        spec = SupermaskSpec(
+            algorithm="bernoulli",
+            density=0.5,
+            steps="40it",
+            eval_every="20it",
+            lr=0.1,
+            eval_mask=eval_mask,
+            runs_dir=str(tmp_path / eval_mask),
+            **COMMON,
+        )
+        exp = SupermaskExperiment(spec)
+        row = exp.run()[0]
+        vdir = exp.dir / "replicate-0" / "level-0" / "bernoulli"
+        mask = Mask.load(vdir / "mask.safetensors")
+        scores = load_file(str(vdir / "scores.safetensors"))
+        if eval_mask == "threshold":
+            for k, s in scores.items():
+                assert torch.equal(mask[k], s > 0)
+        else:  # a draw, not the threshold: some kept weights have sigmoid(s) < 0.5
+            assert any(bool((mask[k] & (s < 0)).any()) for k, s in scores.items())
+        assert row["density"] == mask.density()
+        model = exp.model_fn(0)
+        model.load_state_dict(load_file(str(vdir / "weights_end.safetensors")))
+        mask.apply_(model)
+        _, acc = evaluate(model, exp.data.x_test, exp.data.y_test, 1000)
+        assert acc == row["test_accuracy"], eval_mask
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

@@ -27,7 +27,12 @@ def add_parsers(sub) -> None:
     g.add_argument("--weights-kind", help=f"frozen weights: {', '.join(WEIGHT_KINDS)}")
     toggle(g, "--scale-fan", "scale the frozen weights by 1/sqrt(density) (edge-popup)")
     toggle(g, "--bn-affine", "train BatchNorm scale and shift too (default: fixed at 1 and 0)")
-    g.add_argument("--eval-mask", help=f"bernoulli evaluation: {', '.join(EVAL_MASKS)}")
+    g.add_argument(
+        "--eval-mask",
+        help=f"bernoulli evaluation, one of {', '.join(EVAL_MASKS)}: sampled (default) scores "
+        "one binary mask drawn with a seeded generator, threshold keeps sigmoid(s) > 0.5, "
+        "expected multiplies by sigmoid(s) (a soft mask, not a supermask)",
+    )
     toggle(g, "--rescale", "bernoulli: dynamic weight rescaling by the kept count per layer")
     g.add_argument("--weights", help="a trained run directory: frozen weights from its level 0")
 

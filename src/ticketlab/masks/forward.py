@@ -38,6 +38,10 @@ from ..errors import UsageError
 from . import Mask, prunable_weights
 
 MODES = ("fixed", "topk", "bernoulli")
+# how a bernoulli mask is evaluated: one binary mask drawn with a seeded generator (as the
+# reference samples at test time), the deterministic threshold sigmoid(s) > 0.5, or the
+# soft sigmoid(s), which is not a supermask (weights scaled by values in (0, 1))
+EVAL_MASKS = ("sampled", "threshold", "expected")
 _MASK = "weight_fmask"
 _SCORES = "weight_scores"
 
@@ -84,18 +88,34 @@ class MaskedWeights:
     ``mode`` is ``fixed`` (a boolean mask), ``topk`` (edge-popup: the top
     ``density`` of |scores| per layer, straight-through gradient) or
     ``bernoulli`` (Zhou et al.: a mask sampled from sigmoid(scores) in training,
-    straight-through gradient; ``eval_mask`` is ``expected`` (sigmoid(scores)) or
-    ``sampled`` at evaluation; ``rescale`` multiplies each layer by
+    straight-through gradient; ``rescale`` multiplies each layer by
     numel / kept of the realised mask).
+
+    A bernoulli handle evaluates (module not training) one binary mask, the one
+    :meth:`current_mask` returns: with ``eval_mask="sampled"`` it is ``u < sigmoid(s)``
+    for uniforms ``u`` drawn once from ``eval_seed`` (the same draw at every
+    evaluation, so each evaluation scores one supermask and a resumed run scores the
+    same one); with ``"threshold"``, ``sigmoid(s) > 0.5``. ``"expected"`` multiplies by
+    sigmoid(s) itself: a soft mask, not a supermask.
     """
 
-    def __init__(self, model: nn.Module, mode: str, density: float, eval_mask: str, rescale: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        density: float,
+        eval_mask: str,
+        rescale: bool,
+        eval_seed: int = 0,
+    ):
         self.model = model
         self.mode = mode
         self.density = density
         self.eval_mask = eval_mask
         self.rescale = rescale
+        self.eval_seed = eval_seed
         self.generator: torch.Generator | None = None
+        self._eval_u: dict[str, Tensor] | None = None
         self.modules: dict[str, nn.Module] = {}
         self._override: dict[str, Tensor] | None = None
         self._attached = False
@@ -111,15 +131,30 @@ class MaskedWeights:
             # through abs, as the reference ranks |scores|: d|s|/ds = sign(s)
             return _TopK.apply(scores.abs(), self.density)
         p = torch.sigmoid(scores)
-        if module.training or self.eval_mask == "sampled":
+        if module.training:
             u = torch.rand(p.shape, device=p.device, generator=self.generator)
             m = (u < p).to(p.dtype) + p - p.detach()  # straight-through
-        else:
+        elif self.eval_mask == "expected":
             m = p
+        else:
+            m = self._binary(name, scores).to(p.dtype)
         if self.rescale:
             kept = m.detach().sum().clamp_min(1.0)
             m = m * (m.numel() / kept)
         return m
+
+    def _binary(self, name: str, scores: Tensor) -> Tensor:
+        """The evaluated bernoulli mask of one layer (see the class docstring)."""
+        if self.eval_mask == "threshold" or self.eval_mask == "expected":
+            return scores.detach() > 0  # sigmoid(s) > 0.5
+        if self._eval_u is None:  # all layers at once, in a fixed order: call order is moot
+            gen = torch.Generator().manual_seed(self.eval_seed)
+            self._eval_u = {
+                n: torch.rand(getattr(m, _SCORES).shape, generator=gen)
+                for n, m in self.modules.items()
+            }
+        u = self._eval_u[name].to(scores.device)
+        return u < torch.sigmoid(scores.detach())
 
     # public ------------------------------------------------------------------
     @property
@@ -156,7 +191,8 @@ class MaskedWeights:
 
     @torch.no_grad()
     def current_mask(self) -> Mask:
-        """The mask in use now; for scores, the thresholded one (sigmoid(s) > 0.5 for bernoulli)."""
+        """The mask in use now: the top-k of scores, or the bernoulli mask evaluation scores
+        (sampled from ``eval_seed`` or thresholded; ``expected`` saves the threshold)."""
         self._need_attached()
         out = {}
         for name, module in self.modules.items():
@@ -165,7 +201,7 @@ class MaskedWeights:
             elif self.mode == "topk":
                 out[name] = topk_mask(getattr(module, _SCORES), self.density)
             else:
-                out[name] = getattr(module, _SCORES) > 0
+                out[name] = self._binary(name, getattr(module, _SCORES))
         return Mask({k: v.cpu() for k, v in out.items()})
 
     def expected_density(self) -> float:
@@ -222,9 +258,10 @@ def attach(
     *,
     mode: str | None = None,
     density: float = 0.5,
-    eval_mask: str = "expected",
+    eval_mask: str = "sampled",
     rescale: bool = False,
     names: list[str] | None = None,
+    eval_seed: int = 0,
 ) -> MaskedWeights:
     """Make every prunable weight (or those in ``names``) compute as ``weight * m`` in forward.
 
@@ -240,8 +277,8 @@ def attach(
         raise UsageError("scores need mode topk or bernoulli")
     if mode != "fixed" and (scores is None or mask is not None):
         raise UsageError(f"mode {mode} needs scores (and no fixed mask)")
-    if eval_mask not in ("expected", "sampled"):
-        raise UsageError(f"eval mask must be expected or sampled; got {eval_mask!r}")
+    if eval_mask not in EVAL_MASKS:
+        raise UsageError(f"unknown eval mask '{eval_mask}'; choose from: {', '.join(EVAL_MASKS)}")
     if not 0.0 < density <= 1.0:
         raise UsageError(f"density must be in (0, 1]; got {density}")
     weights = prunable_weights(model)
@@ -254,7 +291,7 @@ def attach(
         if sorted(scores) != sorted(weights):
             raise UsageError("scores must name exactly the masked weights")
     modules = dict(model.named_modules())
-    handle = MaskedWeights(model, mode, density, eval_mask, rescale)
+    handle = MaskedWeights(model, mode, density, eval_mask, rescale, eval_seed)
     for name, w in weights.items():
         module = modules[name.rsplit(".", 1)[0] if "." in name else ""]
         if "forward" in module.__dict__ or hasattr(module, _MASK) or hasattr(module, _SCORES):
@@ -280,4 +317,12 @@ def attach(
     return handle
 
 
-__all__ = ["MODES", "MaskedWeights", "attach", "kept_count", "score_init", "topk_mask"]
+__all__ = [
+    "EVAL_MASKS",
+    "MODES",
+    "MaskedWeights",
+    "attach",
+    "kept_count",
+    "score_init",
+    "topk_mask",
+]

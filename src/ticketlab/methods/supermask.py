@@ -6,7 +6,10 @@
   the reference does.
 - ``bernoulli`` (Zhou et al. 2019): the mask is sampled from sigmoid(scores) at
   every forward pass in training, with a straight-through estimator; evaluation
-  uses the expected mask (sigmoid(scores)) or a sampled one; ``rescale``
+  scores one binary mask, the one saved and counted in ``density``: sampled once
+  from a seeded generator (``eval_mask="sampled"``, the default, as the reference
+  samples at test time) or thresholded at sigmoid(s) > 0.5 (``threshold``);
+  ``expected`` evaluates the soft sigmoid(scores), which is not a supermask; ``rescale``
   multiplies each layer by numel / kept of the realised mask (dynamic weight
   rescaling). ``density`` sets the initial keep probability; the learned
   density is reported (``learned_density``: mean keep probability).
@@ -38,7 +41,7 @@ from torch import nn
 from ..errors import UsageError
 from ..experiment import Experiment, collect_results, run_on_module
 from ..masks import Mask, model_density, prunable_weights
-from ..masks.forward import MaskedWeights, attach, score_init
+from ..masks.forward import EVAL_MASKS, MaskedWeights, attach, score_init
 from ..models import layer_init_std
 from ..protocols import snapshot
 from ..runs import RESULT_COLUMNS, load_state, save_state, write_csv, write_json
@@ -47,7 +50,6 @@ from ..train import evaluate, train
 
 ALGORITHMS = ("edge-popup", "bernoulli", "same-sign")
 WEIGHT_KINDS = ("init", "signed-constant")
-EVAL_MASKS = ("expected", "sampled")
 COLUMNS = ["algorithm", "weights_kind", "learned_density"]
 
 
@@ -61,7 +63,7 @@ class SupermaskSpec(Spec):
     weights_kind: str = "init"
     scale_fan: bool = False
     bn_affine: bool = False
-    eval_mask: str = "expected"
+    eval_mask: str = "sampled"
     rescale: bool = False
     weights: str | None = None  # a trained run directory: frozen weights from its level 0
 
@@ -117,7 +119,7 @@ def wrap(
     density: float = 0.5,
     *,
     seed: int = 0,
-    eval_mask: str = "expected",
+    eval_mask: str = "sampled",
     rescale: bool = False,
     bn_affine: bool = False,
 ) -> MaskedWeights:
@@ -137,7 +139,14 @@ def wrap(
         return attach(model, scores=scores, mode="topk", density=density)
     logit = math.log(density / (1.0 - density))
     scores = {k: torch.full(w.shape, logit, dtype=w.dtype) for k, w in weights.items()}
-    handle = attach(model, scores=scores, mode="bernoulli", eval_mask=eval_mask, rescale=rescale)
+    handle = attach(
+        model,
+        scores=scores,
+        mode="bernoulli",
+        eval_mask=eval_mask,
+        rescale=rescale,
+        eval_seed=seed,
+    )
     handle.generator = None  # sampling uses the global RNG, which checkpoints restore
     return handle
 
