@@ -375,3 +375,91 @@ def test_scoring_leaves_a_batchnorm_model_as_it_was(name):
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+def _wide(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False))
+
+
+def test_synflow_invert_keeps_the_lowest_inside_every_round():
+    """The invert control inverts each SynFlow round (Tanaka et al.'s code), not the result:
+    negating the result turns the -inf of earlier rounds into +inf and keeps exactly the
+    weights SynFlow removed."""
+    from ticketlab.pruning import score
+    from ticketlab.pruning.criteria import _global_top
+
+    model, rounds, target = _wide(), 4, 0.2
+    dense = Mask.dense(model)
+    total = dense.num_total()
+    ctx = Context(input_shape=(8,), density=target, options={"rounds": rounds, "double": True})
+    got = select(score("synflow", model, dense, ctx, invert=True), dense, target, "global")
+    # by hand: every round scores the masked net and keeps its lowest scores
+    current = {n: m.clone() for n, m in dense.items()}
+    one = Context(input_shape=(8,), options={"rounds": 1, "double": True})
+    for k in range(1, rounds + 1):
+        s = CRITERIA["synflow"](model, Mask(current), one)
+        keep = int(round(target ** (k / rounds) * total))
+        current = _global_top({n: -v for n, v in s.items()}, current, keep)
+    assert got.num_kept() == int(round(target * total))
+    for n in dense.names():
+        assert torch.equal(got[n], current[n]), n
+    plain = select(score("synflow", model, dense, ctx), dense, target, "global")
+    assert plain.jaccard(got) < 0.5
+
+
+def test_no_allocation_picks_minus_inf_while_a_finite_score_is_left():
+    from ticketlab.pruning.allocation import ALLOCATIONS
+
+    model = _wide()
+    dense = Mask.dense(model)
+    gen = torch.Generator().manual_seed(1)
+    scores = {}
+    for n, m in dense.items():
+        s = -torch.rand(m.shape, generator=gen)  # finite scores all below zero
+        s[torch.rand(m.shape, generator=gen) < 0.6] = -float("inf")
+        scores[n] = s
+    for allocation in ALLOCATIONS:
+        got = select(scores, dense, 0.3, allocation, model=model)
+        if allocation == "global":
+            pools = [(torch.cat([got[n].flatten() for n in NAMES_W]), NAMES_W)]
+        else:
+            pools = [(got[n].flatten(), [n]) for n in NAMES_W]
+        for chosen, names in pools:
+            s = torch.cat([scores[n].flatten() for n in names])
+            finite = torch.isfinite(s)
+            if bool((chosen & ~finite).any()):  # a -inf was picked: every finite one was
+                assert bool(chosen[finite].all()), allocation
+    nan = {n: s.clone() for n, s in scores.items()}
+    nan["0.weight"][0, 0] = float("nan")
+    with pytest.raises(UsageError, match="NaN"):
+        select(nan, dense, 0.3, "global", model=model)
+
+
+NAMES_W = ["0.weight", "2.weight"]
+
+
+def test_large_init_large_final_ranks_only_kept_weights():
+    """Zhou et al.'s reference sends removed weights to the bottom of both rankings."""
+    torch.manual_seed(3)
+    init = torch.randn(20, 10)
+    final = init + 0.5 * torch.randn(20, 10)
+    kept = torch.rand(20, 10) < 0.4
+    final = final * kept  # removed weights are zero after training at a later level
+    model = nn.Sequential(nn.Linear(10, 20, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(final)
+    mask = Mask({"0.weight": kept})
+    ctx = Context(init_state={"0.weight": init})
+    got = CRITERIA["large_init_large_final"](model, mask, ctx)["0.weight"]
+    # by hand: ranks among the kept entries only
+    idx = kept.flatten().nonzero().flatten()
+    ri = torch.argsort(torch.argsort(init.abs().flatten()[idx], stable=True))
+    rf = torch.argsort(torch.argsort(final.abs().flatten()[idx], stable=True))
+    want = torch.minimum(ri, rf)
+    have = got.flatten()[idx]
+    k = len(idx) // 2
+    top_have = set(idx[torch.argsort(-have, stable=True)[:k]].tolist())
+    top_want = set(idx[torch.argsort(-want.double(), stable=True)[:k]].tolist())
+    assert top_have == top_want
+    assert got.flatten()[~kept.flatten()].max() < have.min()

@@ -33,6 +33,7 @@ from ..pruning.criteria import (
     Context,
     compensate_bias,
     needs_trained,
+    score,
 )
 from ..runs import load_state, save_state
 from ..spec import Spec, normalize_target
@@ -164,16 +165,14 @@ class PruneExperiment(Experiment):
     def score_mask(self, model: nn.Module, r: int, init_state: dict, invert: bool = False) -> Mask:
         """The pruned mask; with ``variance`` the input means are kept in ``self.means``.
 
-        ``invert`` negates the scores (the ``invert`` control): the same allocation
-        keeps the lowest-scored weights instead.
+        ``invert`` scores for the lowest (the ``invert`` control): the same allocation
+        keeps the lowest-scored weights instead; SynFlow inverts inside each round.
         """
         spec = self.spec
         dense = Mask.dense(model)
         ctx = self.context(r, init_state)
-        scores = CRITERIA[spec.criterion](model, dense, ctx)
-        if invert:
-            scores = {n: -s for n, s in scores.items()}
-        else:
+        scores = score(spec.criterion, model, dense, ctx, invert=invert)
+        if not invert:
             self.means = ctx.options.get("input_means")
         return select(
             scores,

@@ -180,7 +180,13 @@ def layer_densities(
 
 
 def _top(scores: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` highest-scored entries among ``keep`` of a flat tensor (ties: lower index)."""
+    """Keep the ``k`` highest-scored entries among ``keep`` of a flat tensor (ties: lower index).
+
+    -inf (a removed weight) comes after every finite score, so it is picked only
+    when no finite one is left; a NaN score is refused, since it ranks nothing.
+    """
+    if bool(torch.isnan(scores[keep]).any()):
+        raise UsageError("scores contain NaN (diverged weights?); nothing can be ranked")
     s = torch.where(keep, scores.double(), torch.full_like(scores, -math.inf, dtype=torch.double))
     order = torch.argsort(-s, stable=True)
     new = torch.zeros_like(keep)

@@ -208,13 +208,17 @@ def synflow_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
     schedule (density d^(k/rounds) after round k), the mask applied before each
     round's scoring; the scores returned are the last round's, so a global top-d
     selection gives the final mask. Option ``double`` computes in float64 (deep
-    nets overflow float32). The model itself is not touched (a copy is scored).
+    nets overflow float32). Option ``invert`` (the ``invert`` control) keeps the
+    lowest scores inside every round, as the reference inverts before each round's
+    masking; the scores returned are then negated, removed weights still -inf.
+    The model itself is not touched (a copy is scored).
     """
     ctx = as_context(context)
     shape = ctx.input_shape or (ctx.data.input_shape if ctx.data is not None else None)
     if shape is None:
         raise UsageError("criterion 'synflow' needs the input shape (context.input_shape)")
     rounds = int(ctx.option("rounds", 100))
+    sign = -1.0 if ctx.option("invert", False) else 1.0
     if rounds < 1:
         raise UsageError(f"synflow rounds must be >= 1; got {rounds}")
     net = copy.deepcopy(model)
@@ -243,13 +247,39 @@ def synflow_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
                 w.copy_(original[n] * current[n].to(dev, w.dtype))
         out = net(x)
         grads = torch.autograd.grad(out.sum(), list(weights.values()))
-        scores = {n: (w.detach() * g).abs().cpu() for (n, w), g in zip(weights.items(), grads)}
+        scores = {
+            n: sign * (w.detach() * g).abs().cpu() for (n, w), g in zip(weights.items(), grads)
+        }
         if k < rounds:
             keep = int(round(target ** (k / rounds) * total))
             current = _global_top(scores, current, keep)
     if rounds > 1:  # what earlier rounds removed stays removed
         scores = {n: s.masked_fill(~current[n], -math.inf) for n, s in scores.items()}
     return scores
+
+
+synflow_scores.iterative = True  # prunes inside: inverting it means inverting every round
+
+
+def invert_scores(scores: Scores) -> Scores:
+    """Negated scores (lowest kept first); -inf (already removed) stays -inf."""
+    return {n: torch.where(torch.isneginf(s), s, -s) for n, s in scores.items()}
+
+
+def score(name: str, model: nn.Module, mask: Mask, context=None, invert: bool = False) -> Scores:
+    """Scores of criterion ``name``; ``invert`` scores for keeping the lowest (the ``invert``
+    control): an iterative criterion (SynFlow) inverts inside each of its rounds, any other
+    has its scores negated, removed weights left at -inf either way."""
+    if name not in CRITERIA:
+        raise UsageError(f"unknown criterion '{name}'; choose from: {', '.join(CRITERIA)}")
+    fn = CRITERIA[name]
+    if not invert:
+        return fn(model, mask, context)
+    if getattr(fn, "iterative", False):
+        ctx = as_context(context)
+        ctx = dataclasses.replace(ctx, options={**ctx.options, "invert": True})
+        return fn(model, mask, ctx)
+    return invert_scores(fn(model, mask, context))
 
 
 def _global_top(scores: Scores, mask: dict, keep: int) -> dict:
@@ -639,10 +669,21 @@ def _ranks(t: torch.Tensor) -> torch.Tensor:
 def large_init_large_final_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
     """large_init_large_final (Zhou et al. 2019): both |w_i| and |w_f| large.
 
-    score = min(rank of |w_i|, rank of |w_f|), ranks within the layer.
+    score = min(rank of |w_i|, rank of |w_f|), ranks within the layer among the
+    weights ``mask`` keeps: removed ones go to the bottom of both rankings, as the
+    reference does, so they shift no kept weight's rank (else, at later levels,
+    the removed weights' zero |w_f| would lift every kept |w_f| rank and the
+    score would follow |w_i| alone).
     """
     final, init = _final_init(model, mask, context, "large_init_large_final")
-    return {k: torch.minimum(_ranks(init[k].abs()), _ranks(final[k].abs())) for k in final}
+    out = {}
+    for k in final:
+        kept = mask[k].to(final[k].device)
+        bottom = torch.full_like(final[k], -math.inf)
+        ri = _ranks(torch.where(kept, init[k].abs(), bottom))
+        rf = _ranks(torch.where(kept, final[k].abs(), bottom))
+        out[k] = torch.minimum(ri, rf)
+    return out
 
 
 @criterion("large_final_same_sign", needs_trained=True)
