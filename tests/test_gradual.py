@@ -70,6 +70,23 @@ def test_gradual_run_reaches_target_exactly(tmp_path, allocation):
         assert bool((weights[n][~m] == 0).all())
 
 
+def test_gradual_and_movement_default_to_every_layer_at_s_t(tmp_path):
+    """Zhu & Gupta prune each layer to s_t; Sanh et al. keep the top v per matrix."""
+    from ticketlab.cli import main
+
+    assert GradualSpec().allocation == "layerwise"
+    for criterion in ("magnitude", "movement"):
+        out = tmp_path / criterion
+        args = ["gradual", "--dataset", "xor", "--model", "mlp_32_32", "--steps", "60it"]
+        args += ["--eval-every", "60it", "--batch-size", "50", "--sparsity", "0.8"]
+        args += ["--start", "10it", "--end", "40it", "--every", "10it"]
+        assert main([*args, "--criterion", criterion, "--runs-dir", str(out), "--quiet"]) == 0
+        (vdir,) = out.glob(f"gradual-*/replicate-0/level-1/{criterion}")
+        mask = Mask.load(vdir / "mask_end.safetensors")
+        for n, m in mask.items():
+            assert int(m.sum()) == round(0.2 * m.numel()), (criterion, n)
+
+
 def test_gradual_bad_input(tmp_path):
     with pytest.raises(UsageError):
         GradualExperiment(_spec(tmp_path, end="45it"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .common import method_command, parse_list, target_flags
 
 
-def _allocation(g) -> None:
+def _allocation(g, default: str) -> None:
     from ..pruning.allocation import ALLOCATIONS
 
     g.add_argument(
@@ -13,7 +13,8 @@ def _allocation(g) -> None:
         "--scope",
         "--distribution",
         dest="allocation",
-        help=f"how the target is spread over layers: {', '.join(ALLOCATIONS)} (default global)",
+        help=f"how the target is spread over layers: {', '.join(ALLOCATIONS)} "
+        f"(default {default})",
     )
 
 
@@ -37,7 +38,7 @@ def add_parsers(sub) -> None:
     )
     g.add_argument("--criterion", help=f"score: {', '.join(criterion_names('prune'))}")
     target_flags(g)
-    _allocation(g)
+    _allocation(g, "global")
     g.add_argument(
         "--layer-density",
         type=parse_list,
@@ -88,5 +89,5 @@ def add_parsers(sub) -> None:
         dest="frequency",
         help="dt: steps between mask updates (default 100it)",
     )
-    _allocation(g)
+    _allocation(g, "layerwise: every layer to s_t, as Zhu & Gupta and Sanh et al.")
     _dense_layers(g)

@@ -63,7 +63,8 @@ class GradualSpec(Spec):
     start: str = "0it"
     end: str | None = None
     frequency: str = "100it"
-    allocation: str = "global"
+    # Zhu & Gupta prune every layer to s_t; Sanh et al. keep the top v per matrix
+    allocation: str = "layerwise"
 
     def __post_init__(self) -> None:
         normalize_target(self)
@@ -94,7 +95,7 @@ class GradualPruner:
         density: float,
         initial_sparsity: float,
         steps: list[int],
-        allocation: str = "global",
+        allocation: str = "layerwise",
         dense_layers=(),
         generator: torch.Generator | None = None,
         state_path: Path | None = None,
