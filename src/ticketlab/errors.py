@@ -15,3 +15,20 @@ class DataError(UsageError):
 
 class RunInterrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after writing a checkpoint (exit code 130)."""
+
+
+class Diverged(Exception):
+    """A training phase whose loss became non-finite (exit code 1).
+
+    ``step`` is the step index whose loss was not finite, ``label`` names the
+    phase, ``workdir`` is where it trained (or None) and ``metrics`` holds the
+    last finite evaluation (its ``step`` included), empty if there was none.
+    """
+
+    def __init__(
+        self, label: str, step: int, workdir=None, metrics: dict | None = None, note: str = ""
+    ):
+        self.label, self.step, self.workdir, self.note = label, step, workdir, note
+        self.metrics = dict(metrics or {})
+        text = f"{label} diverged: the training loss became non-finite at step {step}"
+        super().__init__(f"{text} ({note})" if note else text)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .data import Dataset
 from .data import load as load_data
+from .errors import Diverged
 from .masks import Mask, model_density
 from .metrics import forward_flops, layer_macs, sparsity_metrics, train_flops_per_step
 from .models import build, initialize
@@ -153,9 +154,40 @@ class Experiment:
         with RunLock(self.dir):
             write_spec(self.dir, self.identity, self.hash, resolved_dict(spec, self.spe), self.spe)
             levels = 0 if spec.method == "train" else spec.levels
+            diverged: list[Diverged] = []
             for r in range(spec.replicates):
-                self._replicate(r, levels, progress)
-        return collect_results(self.dir)
+                try:
+                    self._replicate(r, levels, progress)
+                except Diverged as exc:  # this replicate stops; the others still run
+                    self._record_divergence(exc, r)
+                    diverged.append(exc)
+        rows = collect_results(self.dir)
+        if diverged:
+            first = diverged[0]
+            more = f" (and {len(diverged) - 1} more replicates)" if len(diverged) > 1 else ""
+            raise Diverged(first.label + more, first.step, first.workdir, first.metrics, first.note)
+        stored = [r for r in rows if r.get("status") == "diverged"]
+        if stored:  # a resumed run: what diverged is not retried
+            r = stored[0]
+            raise Diverged(
+                f"rep {r['replicate']} level {r['level']} {r['variant']}",
+                int(r.get("diverged_step", -1)),
+                note=not_retried(self.dir),
+            )
+        return rows
+
+    def _record_divergence(self, exc: Diverged, r: int) -> None:
+        """Make sure the diverged phase has its row (methods that call ``train`` themselves
+        leave it to here), so ``show``, ``report`` and a resume see it."""
+        if exc.workdir is None:
+            return
+        vdir = Path(exc.workdir)
+        if not (vdir / "result.json").exists():
+            level = vdir.parent.name.removeprefix("level-")
+            row = diverged_row(exc, self.spec.method, r, int(level) if level.isdigit() else 0)
+            row["variant"] = vdir.name
+            write_json(vdir / "result.json", row)
+        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
 
     def _phase(self, level: int) -> tuple[int, int, float | None]:
         """Steps [start, end) and a fixed LR, for a ticket at ``level``."""
@@ -199,6 +231,14 @@ class Experiment:
         (the training FLOPs that found the mask) the row gets ``train_flops``: those
         plus this training's."""
         if (vdir / "result.json").exists():
+            done = read_json(vdir / "result.json")
+            if done.get("status") == "diverged":  # not retried: later levels need this one
+                raise Diverged(
+                    f"rep {r} level {level} {variant}",
+                    int(done.get("diverged_step", -1)),
+                    vdir,
+                    note=not_retried(vdir),
+                )
             return
         vdir.mkdir(parents=True, exist_ok=True)
         mask_path = vdir / "mask.safetensors"
@@ -210,23 +250,30 @@ class Experiment:
         if not (vdir / "weights_start.safetensors").exists():
             save_state(vdir / "weights_start.safetensors", snapshot(model))
         begin, end, lr = phase
-        metrics = train(
-            model,
-            self.data,
-            spec or self.spec,
-            mask,
-            start=begin,
-            end=end,
-            lr_override=lr,
-            data_seed=self.seed(r, "data"),
-            aug_seed=self.seed(r, "aug"),
-            workdir=vdir,
-            snapshot_steps=snapshot_steps,
-            on_snapshot=on_snapshot,
-            progress=progress,
-            label=f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)",
-            callbacks=callbacks,
-        )
+        try:
+            metrics = train(
+                model,
+                self.data,
+                spec or self.spec,
+                mask,
+                start=begin,
+                end=end,
+                lr_override=lr,
+                data_seed=self.seed(r, "data"),
+                aug_seed=self.seed(r, "aug"),
+                workdir=vdir,
+                snapshot_steps=snapshot_steps,
+                on_snapshot=on_snapshot,
+                progress=progress,
+                label=f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)",
+                callbacks=callbacks,
+            )
+        except Diverged as exc:
+            row = diverged_row(exc, self.spec.method, r, level)
+            row.update(variant=variant, density=mask.density())
+            write_json(vdir / "result.json", row)
+            write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+            raise
         save_state(vdir / "weights_end.safetensors", snapshot(model))
         row = {
             "method": self.spec.method,
@@ -246,6 +293,23 @@ class Experiment:
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
         write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+
+def not_retried(where: Path) -> str:
+    return (
+        f"stored in {where}; not retried: to start over, remove the run directory "
+        "or change the setup, e.g. a lower --lr"
+    )
+
+
+def diverged_row(exc: Diverged, method: str, replicate: int, level: int) -> dict:
+    """The result row of a diverged phase: where the loss became non-finite and the last
+    finite evaluation (its metrics and step)."""
+    last = dict(exc.metrics)
+    row = {"method": method, "replicate": replicate, "level": level, "variant": ""}
+    row.update({k: v for k, v in last.items() if k != "step"})
+    row.update(status="diverged", diverged_step=exc.step, last_finite_step=last.get("step", ""))
+    return row
 
 
 def collect_results(run_dir: Path) -> list[dict]:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import BatchSampler, Dataset
-from .errors import DataError, RunInterrupted, UsageError
+from .errors import DataError, Diverged, RunInterrupted, UsageError
 from .masks import Mask, MaskKeeper
 from .runs import atomic_path
 from .spec import Resolved, Spec, resolve
@@ -277,6 +277,11 @@ def train(
     tensors and JSON values) and ``load_state_dict(state)``: with ``workdir``, its
     state is saved in every checkpoint and restored on resume, so the run continues
     exactly. Callbacks are matched by their position in ``callbacks``.
+
+    A training loss that becomes non-finite (inf or NaN) is noticed at the next
+    evaluation, without a per-step sync: nothing is recorded or checkpointed from
+    the broken weights, and :class:`~ticketlab.errors.Diverged` is raised with the
+    step index of the first non-finite loss and the last finite evaluation.
     """
     callbacks = list(callbacks)
     res = resolve(spec, steps_per_epoch(data, spec.batch_size))
@@ -337,6 +342,11 @@ def train(
     epoch_end = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
     t0 = time.perf_counter()
     model.train()
+    # divergence, tracked on the device: `broken` once a loss was non-finite, `clean` counts
+    # the steps before it; read only at evaluations
+    loop_start = step
+    broken = torch.zeros((), dtype=torch.bool, device=device)
+    clean = torch.zeros((), dtype=torch.int64, device=device)
     while step < end:
         lr = lr_override if lr_override is not None else lr_at(step, spec, res)
         if lr != current_lr:
@@ -349,6 +359,8 @@ def train(
             gen.manual_seed(_mix(aug_seed, step))
             x = data.augment_batch(x, gen)
         loss = F.cross_entropy(model(x), y)
+        broken |= ~torch.isfinite(loss.detach())
+        clean += ~broken
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for cb in before:
@@ -364,6 +376,11 @@ def train(
         if step in snapshot_steps and on_snapshot:
             on_snapshot(step, model)
         if step % res.eval_every == 0 or step == end or _stop_requested:
+            if bool(broken):
+                if task is not None:
+                    progress.update(task, visible=False)
+                last = dict(rows[-1]) if rows else {}
+                raise Diverged(label, loop_start + int(clean), workdir, last)
             if step % res.eval_every == 0 or step == end:
                 record(step)
             if ckpt is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import RunInterrupted, UsageError
+from ..errors import Diverged, RunInterrupted, UsageError
 from . import analysis, lottery, masking, pruning, sparse, structured
 from .common import Parser, run_experiment, spec_from_args
 
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(exc) or "interrupted"
         print(f"ticketlab: {reason}; run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Diverged as exc:  # results so far are stored; the diverged row is marked
+        print(f"ticketlab: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as exc:  # a failure at run time: one line, exit 1
         print(f"ticketlab: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

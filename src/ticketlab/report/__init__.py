@@ -30,6 +30,7 @@ from .sections import (
     continual_section,
     curve_groups,
     density_lines,
+    diverged_section,
     early_stop_section,
     layer_section,
     load_runs,
@@ -66,6 +67,9 @@ def build_report(run_dirs, out_dir) -> Path:
     continual = [r for r in runs if "eval_task" in r.columns]
     if continual:
         sections.append(continual_section(continual, out))
+    failed = diverged_section(runs)
+    if failed is not None:
+        sections.insert(0, failed)
     sections.append(raw_section(runs))
     intro = (
         "Runs: "
@@ -82,6 +86,7 @@ def build_report(run_dirs, out_dir) -> Path:
 __all__ = [
     "build_report",
     "continual_section",
+    "diverged_section",
     "curve_groups",
     "density_lines",
     "load_runs",

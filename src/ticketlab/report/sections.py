@@ -502,6 +502,31 @@ def stability_section(runs, out: Path) -> Section:
     return section
 
 
+def diverged_section(runs) -> Section | None:
+    """The phases whose training loss became non-finite: left out of every mean and figure."""
+    cols = ["run", "replicate", "level", "variant", "diverged at step", "last finite test acc"]
+    rows = [
+        [
+            str(r.path),
+            *(str(row.get(k, "")) for k in ("replicate", "level", "variant")),
+            str(row.get("diverged_step", "")),
+            str(row.get("test_accuracy", "")),
+        ]
+        for r in runs
+        for row in r.rows
+        if row.get("status") == "diverged"
+    ]
+    if not rows:
+        return None
+    section = Section(
+        "Diverged",
+        text="These phases stopped when their training loss became non-finite; they are left "
+        "out of every mean and figure above, and their replicates' later levels were not run.",
+    )
+    section.tables.append(Table("diverged phases", cols, rows))
+    return section
+
+
 def raw_section(runs) -> Section:
     section = Section("results.csv", text="Every row of each run's results.csv, as stored.")
     for r in runs:

@@ -8,12 +8,29 @@ from rich.console import Console
 from rich.table import Table
 
 
+def diverged(rows: list[dict]) -> list[dict]:
+    """Rows whose training diverged (status ``diverged``)."""
+    return [r for r in rows if r.get("status") == "diverged"]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and std over replicates for each (level, variant)."""
+    """Mean and std over replicates for each (level, variant); diverged rows are counted
+    in ``diverged``, not averaged."""
     groups: dict[tuple, list[dict]] = {}
+    failed: dict[tuple, int] = {}
     for r in rows:
-        groups.setdefault((int(r["level"]), r["variant"]), []).append(r)
+        key = (int(r["level"]), r["variant"])
+        if r.get("status") == "diverged":
+            failed[key] = failed.get(key, 0) + 1
+            continue
+        groups.setdefault(key, []).append(r)
     out = []
+    for key in failed:
+        if key not in groups:  # every replicate diverged: a row that says so
+            first = next(r for r in rows if (int(r["level"]), r["variant"]) == key)
+            density = float(first.get("density") or "nan")
+            out.append({"level": key[0], "variant": key[1], "density": density, "n": 0})
+            out[-1].update(test_accuracy=math.nan, test_accuracy_std=0.0, best_val_step=math.nan)
     for (level, variant), rs in sorted(groups.items()):
         acc = [float(r["test_accuracy"]) for r in rs]
         mean = sum(acc) / len(acc)
@@ -29,7 +46,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "best_val_step": sum(float(r["best_val_step"]) for r in rs) / len(rs),
             }
         )
-    return out
+    for s in out:
+        s["diverged"] = failed.get((s["level"], s["variant"]), 0)
+    return sorted(out, key=lambda s: (s["level"], s["variant"]))
 
 
 def print_results(rows: list[dict], title: str = "", console: Console | None = None) -> None:
@@ -63,16 +82,29 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
             s = cells.get(v)
             if s is None:
                 row.append("")
+            elif s["n"] == 0:
+                row.append("diverged")
             elif s["n"] > 1:
                 row.append(f"{100 * s['test_accuracy']:.2f} ± {100 * s['test_accuracy_std']:.2f}")
             else:
                 row.append(f"{100 * s['test_accuracy']:.2f}")
         for v in variants:
             s = cells.get(v)
-            row.append("" if s is None else f"{s['best_val_step']:.0f}")
+            row.append("" if s is None or s["n"] == 0 else f"{s['best_val_step']:.0f}")
         row.append(str(first["n"]))
         table.add_row(*row)
     console.print(table)
+    for r in diverged(rows):
+        last = r.get("test_accuracy")
+        tail = (
+            f"; last finite test accuracy {100 * float(last):.2f}%"
+            if last not in (None, "")
+            else ""
+        )
+        console.print(
+            f"[bold red]diverged[/]: replicate {r['replicate']} level {r['level']} "
+            f"{r['variant']}, loss non-finite at step {r.get('diverged_step', '?')}{tail}"
+        )
     for level, (macs, measured) in sorted(_speedups(rows).items()):
         console.print(
             f"level {level}: {macs}x fewer multiply-adds, {measured}x faster on a test batch"
