@@ -227,3 +227,110 @@ def test_resume_restarts_when_mask_state_is_ahead(tmp_path):
     assert not upd.restore(tmp_path / "state.safetensors", 15)
     assert upd.restore(tmp_path / "state.safetensors", 20)
     assert [u["step"] for u in upd.updates] == [10, 20]
+
+
+# issue 12 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "schedule", "cosine"),
+    [
+        ("set", None, False),  # SET's own: a constant fraction (Mocanu et al.)
+        ("set", "constant", False),
+        ("set", "cosine", True),  # RigL's cosine decay, asked for
+        ("rigl", None, True),  # RigL's own: cosine (Evci et al.)
+        ("rigl", "constant", False),
+    ],
+)
+def test_drop_schedule_sets_alpha_t_and_drop_counts(algorithm, schedule, cosine):
+    """At update step t, each layer drops round(alpha_t * n_active), alpha_t by the schedule."""
+    torch.manual_seed(0)
+    model = mlp()
+    mask = random_sparse_mask(model, 0.3, "erk", generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    keeper = MaskKeeper(model, mask)
+    alpha, t_end = 0.5, 20
+    upd = DSTUpdater(algorithm, mask, delta_t=4, alpha=alpha, t_end=t_end, schedule=schedule)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for step in range(t_end):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        keeper()
+        upd.after_step(step, model, opt, keeper, x, y)
+    assert [u["step"] for u in upd.updates] == [4, 8, 12, 16]
+    for u in upd.updates:
+        t = u["step"]
+        want = alpha / 2 * (1 + math.cos(math.pi * t / t_end)) if cosine else alpha
+        assert u["alpha_t"] == pytest.approx(want)
+        assert u["layers"]
+        for s in u["layers"].values():
+            assert s["dropped"] == round(want * s["active"])
+
+
+def test_drop_schedule_spec_hash_and_bad_input(tmp_path, capsys):
+    from ticketlab.errors import UsageError
+    from ticketlab.methods.dst import DSTSpec
+    from ticketlab.spec import identity, spec_hash
+
+    def h(**kw):
+        return spec_hash(identity(DSTSpec(density=0.1, **kw), 100))
+
+    # today's runs keep their directories: the algorithm's own schedule is the default
+    assert h() == h(drop_schedule="cosine") == "a9a40c35afb6"  # rigl
+    assert h(algorithm="set") == h(algorithm="set", drop_schedule="constant") == "bff1fdbb89bf"
+    assert h(algorithm="set", drop_schedule="cosine") not in ("bff1fdbb89bf", "a9a40c35afb6")
+    assert h(drop_schedule="constant") != h()
+    assert h(algorithm="static") == h(algorithm="static", drop_schedule="cosine") == "45b727330dd3"
+    assert DSTSpec(density=0.1, algorithm="set", drop_schedule="cosine").drop_schedule == "cosine"
+    with pytest.raises(UsageError, match="constant, cosine"):
+        DSTSpec(density=0.1, drop_schedule="linear")
+    base = ["dst", "--dataset", "xor", "--runs-dir", str(tmp_path), "--quiet", "--sparsity", "0.5"]
+    capsys.readouterr()
+    assert main([*base, "--algorithm", "set", "--drop-schedule", "linear"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "constant, cosine" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_set_cosine_drop_schedule(tmp_path):
+    assert _dst_run(tmp_path / "cos", "set", "--drop-schedule", "cosine") == 0
+    assert _dst_run(tmp_path / "const", "set") == 0
+    t_end = 45  # 0.75 of 60 steps
+    for name, cosine in (("cos", True), ("const", False)):
+        log = _variant_dir(tmp_path / name, "set") / "dst_updates.jsonl"
+        ups = [json.loads(s) for s in log.read_text().splitlines()]
+        assert [u["step"] for u in ups] == [10, 20, 30, 40]
+        for u in ups:
+            want = 0.15 * (1 + math.cos(math.pi * u["step"] / t_end)) if cosine else 0.3
+            assert u["alpha_t"] == pytest.approx(want)
+
+
+def test_rigl_train_flops_stop_dense_gradients_at_t_end():
+    """RigL's per-step cost (App. H) for the steps before T_end, 3 f_S per step after it."""
+    from ticketlab.methods.dst import train_flops_per_example as training_flops
+
+    f_s, f_d, dt = 70.0, 300.0, 10
+    rigl_step = (3 * f_s * dt + 2 * f_s + f_d) / (dt + 1)
+    assert training_flops("rigl", f_s, f_d, dt, steps=100, t_end=40) == pytest.approx(
+        40 * rigl_step + 60 * 3 * f_s
+    )
+    # with T_end = T, the paper's formula over the whole run, as before
+    assert training_flops("rigl", f_s, f_d, dt, steps=100, t_end=100) == pytest.approx(
+        100 * rigl_step
+    )
+    for alg in ("static", "set"):
+        assert training_flops(alg, f_s, f_d, dt, steps=100, t_end=40) == 100 * 3 * f_s
+
+
+@pytest.mark.parametrize("t_end", [0.5, 1.0])
+def test_cli_rigl_train_flops_after_t_end(tmp_path, t_end):
+    assert _dst_run(tmp_path, "rigl", "--t-end", str(t_end)) == 0
+    row = json.loads((_variant_dir(tmp_path, "rigl") / "result.json").read_text())
+    f_s, f_d, dt, steps, batch = row["forward_flops"], row["forward_flops_dense"], 10, 60, 32
+    before = int(round(t_end * steps))  # 30 or 60: the steps with mask updates
+    rigl_step = (3 * f_s * dt + 2 * f_s + f_d) / (dt + 1)
+    per_example = before * rigl_step + (steps - before) * 3 * f_s
+    assert row["train_flops"] == pytest.approx(per_example * batch)
+    assert row["train_flops_vs_dense"] == pytest.approx(per_example / (steps * 3 * f_d))

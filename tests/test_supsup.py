@@ -127,3 +127,80 @@ def test_superfluous_objective_needs_superfluous_neurons(tmp_path):
     assert main(args + bad) == 2
     assert main(args + bad + ["--superfluous-neurons", "-1"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def _two_task_net():
+    """Task 0's mask keeps input 0 -> output 0, task 1's input 1 -> output 1: the input that
+    is on says which mask gives a confident (low-entropy) output."""
+    from ticketlab.masks import Mask
+    from ticketlab.masks.forward import attach
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(4.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    masks = [
+        Mask({"0.weight": torch.tensor([[True, False], [False, False]])}),
+        Mask({"0.weight": torch.tensor([[False, False], [False, True]])}),
+    ]
+    return model, attach(model), masks
+
+
+def test_first_example_inference_ignores_the_rest_of_the_batch():
+    """``examples="first"`` infers from example 0's logits only (the reference's
+    ``logits[:data_to_repeat]`` with data_to_repeat 1); ``batch`` averages over all."""
+    from ticketlab.masks import Mask
+    from ticketlab.masks.forward import attach
+    from ticketlab.methods.supsup import infer_task
+
+    model, handle, masks = _two_task_net()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert infer_task(handle, model, masks, x) == 1  # the batch mean: three of four say 1
+    assert infer_task(handle, model, masks, x, examples="batch") == 1
+    assert infer_task(handle, model, masks, x, examples="first") == 0
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):  # whatever the other examples are
+        other = x.clone()
+        other[1:] = 3 * torch.rand(3, 2, generator=gen)
+        assert infer_task(handle, model, masks, other, examples="first") == 0
+    # the superfluous objective too: three outputs, the third an s-neuron
+    model3 = torch.nn.Sequential(torch.nn.Linear(2, 3, bias=False))
+    with torch.no_grad():
+        model3[0].weight.copy_(torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]]))
+    for p in model3.parameters():
+        p.requires_grad_(False)
+    handle3 = attach(model3)
+    masks3 = [Mask({"0.weight": m}) for m in (torch.eye(3, 2).bool(), torch.eye(3, 2).bool())]
+    masks3[0]["0.weight"][2, 0] = True  # task 0 pushes the s-neuron down on input 0
+    masks3[1]["0.weight"][2, 1] = True
+    for xs, want in ((x, 0), (x.flip(1), 1)):
+        got = infer_task(handle3, model3, masks3, xs, "superfluous", 2, examples="first")
+        assert got == want == infer_task(handle3, model3, masks3, xs[:1], "superfluous", 2)
+        assert infer_task(handle3, model3, masks3, xs, "superfluous", 2) == 1 - want  # batch
+    with pytest.raises(UsageError, match="batch, first"):
+        infer_task(handle, model, masks, x, examples="last")
+
+
+def test_inference_examples_spec_hash_and_cli(tmp_path, capsys):
+    from ticketlab.spec import identity, spec_hash
+
+    def h(**kw):
+        return spec_hash(identity(SupsupSpec(**kw), 100))
+
+    assert h() == h(inference_examples="batch") == "9a9c32c8a3e4"  # today's runs keep theirs
+    assert h(inference_examples="first") != h()
+    with pytest.raises(UsageError, match="batch, first"):
+        SupsupSpec(inference_examples="one")
+    args = ["supsup", "--dataset", "xor", "--model", "mlp_8", "--steps", "5it", "--quiet"]
+    capsys.readouterr()
+    bad = ["--runs-dir", str(tmp_path / "bad"), "--inference-examples", "one"]
+    assert main(args + bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch, first" in err[0]
+    assert not (tmp_path / "bad").exists()
+    ok = ["--runs-dir", str(tmp_path / "ok"), "--tasks", "2", "--inference-examples", "first"]
+    assert main(args + ok + ["--eval-every", "5it"]) == 0
+    rows = read_csv(next((tmp_path / "ok").glob("supsup-*")) / "results.csv")
+    inferred = [r for r in rows if r["variant"] == "task-inferred"]
+    assert [r["inference_examples"] for r in inferred] == ["first", "first"]

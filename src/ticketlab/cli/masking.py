@@ -74,6 +74,11 @@ def add_parsers(sub) -> None:
         help="extra output neurons that are never a label (needed by --inference-objective "
         "superfluous)",
     )
+    g.add_argument(
+        "--inference-examples",
+        help="one-shot task inference over: batch (default: the test batch's mean) or first "
+        "(its first example only, as the reference configs do)",
+    )
 
     g = method_command(
         sub,

@@ -15,7 +15,7 @@ def _noise_scales(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    from ..methods.dst import ALGORITHMS, DISTRIBUTIONS
+    from ..methods.dst import ALGORITHMS, DISTRIBUTIONS, DROP_SCHEDULES
 
     g = method_command(
         sub,
@@ -33,7 +33,12 @@ def add_parsers(sub) -> None:
         help=f"how the density is spread over layers: {', '.join(DISTRIBUTIONS)} (default erk)",
     )
     g.add_argument("--delta-t", type=int, help="steps between mask updates (default 100)")
-    g.add_argument("--alpha", type=float, help="drop fraction, cosine-decayed for RigL (0.3)")
+    g.add_argument("--alpha", type=float, help="drop fraction alpha (0.3)")
+    g.add_argument(
+        "--drop-schedule",
+        help=f"how the drop fraction changes until T_end: {', '.join(DROP_SCHEDULES)} "
+        "(default: constant for set, as in Mocanu et al.; cosine for rigl)",
+    )
     g.add_argument(
         "--t-end", type=float, help="fraction of training after which the mask is fixed (0.75)"
     )

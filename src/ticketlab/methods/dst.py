@@ -9,12 +9,16 @@ as many inactive connections -- at random (SET) or by largest dense-gradient
 magnitude on the current batch (RigL) -- so every layer's count is unchanged.
 The just-dropped connections are candidates for regrowth: one dropped and
 regrown keeps its value and optimizer state; a new one starts at zero with its
-optimizer state (momentum, Adam moments) zeroed. SET drops a constant fraction
-alpha; RigL decays it by a cosine, alpha_t = alpha/2 (1 + cos(pi t / T_end)).
+optimizer state (momentum, Adam moments) zeroed. The drop fraction follows
+``drop_schedule``: ``constant`` (alpha_t = alpha, SET's own, as in Mocanu et al.)
+or ``cosine`` (alpha_t = alpha/2 (1 + cos(pi t / T_end)), RigL's own); either
+algorithm may take the other's.
 
-Training cost is counted as the RigL paper does (App. H): 3 f_S per step for
-static and SET, (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1) for RigL, with f_S and f_D
-the sparse and dense forward multiply-adds of one example.
+Training cost is counted as the RigL paper does (App. H), per example: 3 f_S per
+step for static and SET; for RigL, (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1) per step
+while the mask is updated (the dense gradient, f_D, is computed only at mask
+updates) and 3 f_S per step from T_end on, when the mask is fixed. f_S and f_D
+are the sparse and dense forward multiply-adds of one example.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from ..spec import Spec, normalize_target
 from ..train import train
 
 ALGORITHMS = ("static", "set", "rigl")
+DROP_SCHEDULES = ("constant", "cosine")
 # optimizer state tensors shaped like the parameter, reset for a new connection
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # beside a variant's checkpoint: its mask and grow generator as of its last mask update
@@ -58,7 +63,10 @@ class DSTSpec(Spec):
 
     ``sparsity`` is stored as the density ``1 - S``. ``t_end`` is the fraction of
     training after which the mask is frozen; ``first_dense`` keeps the first
-    layer dense (the others then make up the difference).
+    layer dense (the others then make up the difference). ``drop_schedule`` is
+    ``constant`` or ``cosine``; None (the default) is the algorithm's own
+    (:func:`default_drop_schedule`), and a value equal to it is stored as None, so
+    that asking for it by name keeps the run's hash (static has no updates: always None).
     """
 
     method: str = "dst"
@@ -70,6 +78,7 @@ class DSTSpec(Spec):
     alpha: float = 0.3
     t_end: float = 0.75
     first_dense: bool = False
+    drop_schedule: str | None = None
 
     def __post_init__(self) -> None:
         normalize_target(self)
@@ -91,13 +100,35 @@ class DSTSpec(Spec):
             raise UsageError(f"alpha must be in (0, 1); got {self.alpha}")
         if not (isinstance(self.t_end, (int, float)) and 0.0 < self.t_end <= 1.0):
             raise UsageError(f"t-end must be a fraction of training in (0, 1]; got {self.t_end}")
+        if self.drop_schedule is not None:
+            check_drop_schedule(self.drop_schedule)
+            # the algorithm's own schedule, or any for static (no updates), is no change
+            own = default_drop_schedule(self.algorithm)
+            if own is None or self.drop_schedule == own:
+                object.__setattr__(self, "drop_schedule", None)
+
+    def resolved_drop_schedule(self) -> str | None:
+        """The drop schedule in use: the one asked for, else the algorithm's own."""
+        return self.drop_schedule or default_drop_schedule(self.algorithm)
 
 
 # masks and schedules ---------------------------------------------------------------------------
 
 
+def default_drop_schedule(algorithm: str) -> str | None:
+    """The drop schedule an algorithm's paper uses: cosine for RigL, constant for SET."""
+    return {"rigl": "cosine", "set": "constant"}.get(algorithm)
+
+
+def check_drop_schedule(schedule: str) -> None:
+    if schedule not in DROP_SCHEDULES:
+        raise UsageError(
+            f"unknown drop schedule '{schedule}'; choose from: {', '.join(DROP_SCHEDULES)}"
+        )
+
+
 def drop_fraction(t: int, alpha: float, t_end: int, cosine: bool = True) -> float:
-    """alpha_t: alpha/2 (1 + cos(pi t / T_end)) for RigL (cosine), alpha for SET; 0 from T_end."""
+    """alpha_t: alpha/2 (1 + cos(pi t / T_end)) with ``cosine``, else alpha; 0 from T_end."""
     if t >= t_end:
         return 0.0
     if not cosine:
@@ -223,9 +254,11 @@ class DSTUpdater:
     """The training-loop callback that updates the mask every ΔT steps until T_end.
 
     ``t`` (the steps taken) is ``step + 1``; an update happens when ``t`` is a
-    multiple of ΔT and ``t < T_end``. Each update appends one line to ``log`` and, with
-    ``state``, rewrites that file (mask, grow generator, ``t``) so that a run resumed from
-    the training checkpoint continues with the mask it had (see :meth:`restore`).
+    multiple of ΔT and ``t < T_end``; it drops the fraction ``alpha_t`` that ``schedule``
+    gives (``constant`` or ``cosine``; None: the algorithm's own). Each update appends one
+    line to ``log`` and, with ``state``, rewrites that file (mask, grow generator, ``t``) so
+    that a run resumed from the training checkpoint continues with the mask it had (see
+    :meth:`restore`).
     """
 
     def __init__(
@@ -239,10 +272,14 @@ class DSTUpdater:
         generator: torch.Generator | None = None,
         log: Path | None = None,
         state: Path | None = None,
+        schedule: str | None = None,
     ):
         if algorithm not in ("set", "rigl"):
             raise UsageError(f"no mask updates for algorithm '{algorithm}'")
+        schedule = schedule or default_drop_schedule(algorithm)
+        check_drop_schedule(schedule)
         self.algorithm = algorithm
+        self.schedule = schedule
         self.mask = mask
         self.delta_t, self.alpha, self.t_end = delta_t, alpha, t_end
         self.skip = frozenset(skip)
@@ -262,7 +299,7 @@ class DSTUpdater:
         if not self.due(t):
             return
         rigl = self.algorithm == "rigl"
-        frac = drop_fraction(t, self.alpha, self.t_end, cosine=rigl)
+        frac = drop_fraction(t, self.alpha, self.t_end, cosine=self.schedule == "cosine")
         grads = None
         if rigl:
             grads = dense_gradients(model, self.sparse, x, y)
@@ -338,6 +375,21 @@ class DSTUpdater:
         return True
 
 
+def train_flops_per_example(
+    algorithm: str, f_s: float, f_d: float, delta_t: int, steps: int, t_end: int
+) -> float:
+    """Training multiply-adds of one example over ``steps`` steps (RigL paper, App. H).
+
+    RigL pays for a dense gradient only at its mask updates, which stop at step
+    ``t_end``: the paper's per-step cost (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1) for the
+    first ``t_end`` steps, 3 f_S for the rest. Static and SET: 3 f_S every step.
+    """
+    updating = min(max(int(t_end), 0), steps) if algorithm == "rigl" else 0
+    sparse_step = train_flops_per_step("static", f_s, f_d)
+    update_step = train_flops_per_step(algorithm, f_s, f_d, delta_t)
+    return updating * update_step + (steps - updating) * sparse_step
+
+
 def checkpoint_step(path: Path) -> int:
     """The step a training checkpoint (``ticketlab.train``'s) was written at."""
     try:
@@ -399,6 +451,7 @@ class DSTExperiment(Experiment):
                 generator=torch.Generator().manual_seed(self.seed(r, "dst/grow")),
                 log=vdir / "dst_updates.jsonl",
                 state=vdir / DST_STATE,
+                schedule=spec.resolved_drop_schedule(),
             )
             # a half-done variant continues from its checkpoint with the mask it had then
             if not (ckpt.exists() and updater.restore(vdir / DST_STATE, checkpoint_step(ckpt))):
@@ -426,8 +479,9 @@ class DSTExperiment(Experiment):
         save_state(vdir / "weights_end.safetensors", snapshot(model))
         f_s = forward_flops(self.macs, final.layer_density())
         f_d = forward_flops(self.macs)
-        per_step = train_flops_per_step(spec.algorithm, f_s, f_d, spec.delta_t)
-        examples = res.steps * spec.batch_size
+        per_example = train_flops_per_example(
+            spec.algorithm, f_s, f_d, spec.delta_t, res.steps, t_end
+        )
         row = {
             "method": spec.method,
             "replicate": r,
@@ -438,10 +492,11 @@ class DSTExperiment(Experiment):
             **metrics,
             "algorithm": spec.algorithm,
             "distribution": spec.distribution,
+            "drop_schedule": spec.resolved_drop_schedule() or "",
             "forward_flops": f_s,
             "forward_flops_dense": f_d,
-            "train_flops": per_step * examples,
-            "train_flops_vs_dense": per_step / (3 * f_d),
+            "train_flops": per_example * spec.batch_size,
+            "train_flops_vs_dense": per_example / (3 * f_d * res.steps),
             "mask_updates": len(updater.updates) if updater is not None else 0,
             "connections_moved": sum(u["moved"] for u in updater.updates) if updater else 0,
             "status": "done",
@@ -454,9 +509,12 @@ class DSTExperiment(Experiment):
 
 __all__ = [
     "DSTExperiment",
+    "DROP_SCHEDULES",
     "DSTSpec",
     "DSTUpdater",
+    "default_drop_schedule",
     "drop_fraction",
     "random_sparse_mask",
+    "train_flops_per_example",
     "update_mask",
 ]

@@ -12,6 +12,10 @@ and the task id is inferred one-shot per test batch: the weights become
 W * sum_i alpha_i M_i with alpha uniform over the learned tasks, one gradient of
 the mean output entropy over the batch is taken with respect to alpha, and the
 task with the most negative gradient is picked (the paper's One-Shot algorithm).
+The objective is taken over the whole test batch (``inference_examples="batch"``,
+the default) or over its first example only (``"first"``): the reference code
+computes it on ``logits[:data_to_repeat]``, and its one-shot configs set
+``data_to_repeat`` to 1. Either way the inferred task then classifies the whole batch.
 
 Two objectives for that gradient (``inference_objective``):
 
@@ -37,7 +41,7 @@ Results: ``level`` is the last trained task (``trained_task``); variant
 ``task-given`` has one row per evaluated task (``eval_task``), variant
 ``task-inferred`` one row with the accuracy when the id is inferred (over all
 learned tasks' test sets) and ``inference_accuracy``, the fraction of batches
-whose task was identified, and ``inference_objective``.
+whose task was identified, ``inference_objective`` and ``inference_examples``.
 """
 
 from __future__ import annotations
@@ -62,7 +66,10 @@ from ..train import evaluate, train
 from .supermask import SupermaskSpec, prepare_weights
 
 OBJECTIVES = ("entropy", "superfluous")
+# which examples of a test batch the one-shot objective is taken over
+INFERENCE_EXAMPLES = ("batch", "first")
 COLUMNS = ["trained_task", "eval_task", "inference_accuracy", "task_kind", "inference_objective"]
+COLUMNS += ["inference_examples"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class SupsupSpec(SupermaskSpec):
     inference_batch_size: int = 128
     inference_objective: str = "entropy"
     superfluous_neurons: int = 0  # extra output neurons, never a label (s-neurons)
+    inference_examples: str = "batch"  # or "first": the objective on example 0 only
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +102,7 @@ class SupsupSpec(SupermaskSpec):
                 f"unknown inference objective '{self.inference_objective}'; "
                 f"choose from: {', '.join(OBJECTIVES)}"
             )
+        check_inference_examples(self.inference_examples)
         if isinstance(self.superfluous_neurons, bool) or self.superfluous_neurons < 0:
             raise UsageError(f"superfluous neurons must be >= 0; got {self.superfluous_neurons}")
         if self.inference_objective == "superfluous" and self.superfluous_neurons == 0:
@@ -103,6 +112,13 @@ class SupsupSpec(SupermaskSpec):
             )
         if self.weights is not None:
             raise UsageError("supsup uses a frozen random network; --weights is not supported")
+
+
+def check_inference_examples(examples: str) -> None:
+    if examples not in INFERENCE_EXAMPLES:
+        raise UsageError(
+            f"unknown inference examples '{examples}'; choose from: {', '.join(INFERENCE_EXAMPLES)}"
+        )
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -131,14 +147,19 @@ def infer_task(
     x: torch.Tensor,
     objective: str = "entropy",
     real: int | None = None,
+    examples: str = "batch",
 ) -> int:
     """One-shot task inference: the task whose mixture coefficient most lowers the objective.
 
     ``objective`` is ``entropy`` or ``superfluous`` (then ``real`` is the number of
-    real classes; the outputs beyond it are the s-neurons).
+    real classes; the outputs beyond it are the s-neurons). ``examples`` is ``batch``
+    (the objective's mean over all of ``x``) or ``first`` (over ``x[0]`` only).
     """
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown inference objective '{objective}'")
+    check_inference_examples(examples)
+    if examples == "first":
+        x = x[:1]  # no BatchNorm (refused): example 0's logits do not depend on the others
     n = len(masks)
     alpha = torch.full((n,), 1.0 / n, requires_grad=True)
     stacked = {
@@ -292,7 +313,13 @@ class SupsupExperiment(Experiment):
                     x = task.x_test[i : i + spec.inference_batch_size]
                     y = task.y_test[i : i + spec.inference_batch_size]
                     guess = infer_task(
-                        handle, model, masks, x, spec.inference_objective, self.real_classes
+                        handle,
+                        model,
+                        masks,
+                        x,
+                        spec.inference_objective,
+                        self.real_classes,
+                        spec.inference_examples,
                     )
                     right += int(guess == e)
                     batches += 1
@@ -310,6 +337,7 @@ class SupsupExperiment(Experiment):
                 "inference_accuracy": right / batches if batches else float("nan"),
                 "task_kind": spec.task_kind,
                 "inference_objective": spec.inference_objective,
+                "inference_examples": spec.inference_examples,
             }
             write_json(ldir / "task-inferred" / "result.json", row)
         finally:
