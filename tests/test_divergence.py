@@ -40,7 +40,7 @@ def test_train_raises_at_the_next_evaluation_with_the_first_bad_step():
 def test_lr_1e8_is_diverged_exits_1_and_is_not_retried(tmp_path, capsys):
     runs = tmp_path / "runs"
     args = ["lottery", *COMMON, "--steps", "30it", "--eval-every", "10it", "--levels", "2"]
-    args += ["--lr", "1e8", "--runs-dir", runs]
+    args += ["--optimizer", "sgd", "--lr", "1e8", "--runs-dir", runs]
     rc, _, err = run_cli(capsys, *args)
     assert rc == 1
     assert len(err.strip().splitlines()) == 1

@@ -218,7 +218,9 @@ def test_rewound_weights_equal_saved_ones_bit_for_bit(tmp_path, xor):
     rdir = exp.dir / "replicate-0"
     rewind_state = _weights(rdir / "rewind.safetensors")
     # the saved rewind point is the dense run's weights after k steps
-    model = tl.models.build("mlp_32_32", xor.input_shape, 2, seed=exp.seed(0, "init"))
+    model = tl.models.build(
+        "mlp_32_32", xor.input_shape, 2, init=spec.init, seed=exp.seed(0, "init")
+    )
     tl.train(model, exp.data, spec, end=20, data_seed=exp.seed(0, "data"))
     for k, v in tl.snapshot(model).items():
         assert torch.equal(v, rewind_state[k]), k

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 from .errors import UsageError
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine")
 SCOPES = ("layerwise", "global")
 PROTOCOLS = ("rewind", "finetune", "lr-rewind")
@@ -94,7 +94,17 @@ class Spec:
 
     Budgets are step strings (``"50000it"``, ``"40ep"``); ``steps`` is the budget
     of each training phase, so of each lottery level.
+
+    The defaults are the setup of the method's paper (``SETUP`` says which; each
+    method's spec class overrides what its paper sets differently), so a bare
+    command learns; the budgets stay short (one epoch), and presets give the
+    papers' full ones.
     """
+
+    SETUP = (
+        "Frankle & Carbin 2019, LeNet-300-100: Adam 1.2e-3, batch 60, Glorot normal init, "
+        "20% of each layer per level, 10% of the output layer"
+    )
 
     method: str = "lottery"
     # data
@@ -105,12 +115,12 @@ class Spec:
     # model
     model: str = "lenet_300_100"
     width: float = 1.0
-    init: str = "kaiming_normal"
+    init: str = "xavier_normal"
     # training
     steps: str = "1ep"
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.1
+    batch_size: int = 60
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -129,7 +139,7 @@ class Spec:
     criterion: str = "magnitude"
     prune_fraction: float = 0.2
     conv_prune_fraction: float | None = None  # None: same as prune_fraction
-    output_prune_fraction: float | None = None  # None: same as the layer's kind
+    output_prune_fraction: float | None = 0.1  # None: same as the layer's kind
     scope: str = "layerwise"
     dense_layers: tuple[str, ...] = ()
     # protocol for the surviving weights (Renda et al. 2020)
@@ -237,8 +247,8 @@ def validate(spec: Spec) -> None:
         raise UsageError(f"width must be positive; got {spec.width}")
     if not 0.0 <= spec.momentum < 1.0:
         raise UsageError(f"momentum must be in [0, 1); got {spec.momentum}")
-    if spec.momentum and spec.optimizer != "sgd":
-        raise UsageError("momentum needs --optimizer sgd (Adam has its own betas)")
+    if spec.momentum and spec.optimizer not in ("sgd", "rmsprop"):
+        raise UsageError("momentum needs --optimizer sgd or rmsprop (Adam has its own betas)")
     if spec.weight_decay < 0:
         raise UsageError(f"weight decay must be >= 0; got {spec.weight_decay}")
     if spec.gamma <= 0:

@@ -111,6 +111,10 @@ def make_optimizer(model: nn.Module, spec: Spec) -> torch.optim.Optimizer:
             weight_decay=spec.weight_decay,
             fused=fused or None,
         )
+    if spec.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused or None)
 
 

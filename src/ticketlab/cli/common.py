@@ -63,7 +63,7 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     toggle(g, "--augment", "crop+flip augmentation (default: on for CIFAR-10)")
     g.add_argument("--steps", help="budget of each training phase: '50000it' or '40ep'")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--optimizer", help="sgd or adam")
+    g.add_argument("--optimizer", help="sgd, adam or rmsprop")
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
@@ -121,6 +121,9 @@ def lottery_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+SETUPS: dict[str, str] = {}  # subcommand -> where its defaults come from (``list methods``)
+
+
 def method_command(
     sub,
     name: str,
@@ -136,7 +139,11 @@ def method_command(
     with ``lottery``), handled by running ``module.experiment_cls`` on a
     ``module.spec_cls`` built from the flags. Returns the argument group for the
     method's own flags. ``prepare(args)`` may turn flag text into spec values first."""
-    p = sub.add_parser(name, help=help)
+    setup = getattr(getattr(importlib.import_module(module), spec_cls), "SETUP", "")
+    SETUPS[name] = setup
+    p = sub.add_parser(
+        name, help=help, description=f"{help}. Defaults: {setup}." if setup else help
+    )
     common_flags(p)
     if lottery:
         lottery_flags(p)

@@ -66,8 +66,10 @@ def cmd_list(what: str, sub=None) -> int:
         elif section == "presets":
             rows = describe_presets()
         else:  # every subcommand that runs or analyses experiments, from the parser itself
+            from .common import SETUPS
+
             rows = [
-                {"name": a.dest, "description": a.help}
+                {"name": a.dest, "description": a.help, "defaults from": SETUPS.get(a.dest, "")}
                 for a in sub._choices_actions
                 if a.dest not in ("list", "show")
             ]

@@ -13,8 +13,7 @@ def _allocation(g, default: str) -> None:
         "--scope",
         "--distribution",
         dest="allocation",
-        help=f"how the target is spread over layers: {', '.join(ALLOCATIONS)} "
-        f"(default {default})",
+        help=f"how the target is spread over layers: {', '.join(ALLOCATIONS)} (default {default})",
     )
 
 
@@ -82,7 +81,11 @@ def add_parsers(sub) -> None:
     target.add_argument("--density", type=float, help="final fraction kept 1 - s_f, in (0, 1)")
     g.add_argument("--initial-sparsity", type=float, help="s_i at --start (default 0)")
     g.add_argument("--start", help="t0: first mask update, a step string (default 0it)")
-    g.add_argument("--end", help="t0 + n dt: the step where s_f is reached")
+    g.add_argument(
+        "--end",
+        help="t0 + n dt: the step where s_f is reached "
+        "(default: the last update step in the first 3/4 of training)",
+    )
     g.add_argument(
         "--every",
         "--frequency",

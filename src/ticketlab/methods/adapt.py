@@ -62,6 +62,7 @@ class AdaptSpec(Spec):
     """Knobs of ``ticketlab adapt`` on top of :class:`Spec`."""
 
     EXTENDS = frozenset({"tasks", "variants"})  # more of them add to the same run
+    SETUP = "training as the lottery's (Frankle & Carbin LeNet: Adam 1.2e-3, batch 60)"
 
     method: str = "adapt"
     weights: str | None = None  # the trained run directory (required)

@@ -41,7 +41,20 @@ COLUMNS = ["trainable", "gamma_threshold", "small_gamma_fraction"]
 class BnOnlySpec(Spec):
     """Knobs of ``ticketlab bn-only`` on top of :class:`Spec`."""
 
+    SETUP = (
+        "Frankle, Schwab & Morcos 2021 (OpenLTH CIFAR ResNets): ResNet-20, SGD 0.1, "
+        "momentum 0.9, batch 128, weight decay 1e-4, Kaiming normal init; its step schedule "
+        "(x0.1 at 50% and 75%) is left to --schedule step"
+    )
+
     method: str = "bn-only"
+    model: str = "resnet20"
+    init: str = "kaiming_normal"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 128
+    weight_decay: float = 1e-4
     train_output: bool = False
     gamma_threshold: float = 0.01
     random_control: bool = True

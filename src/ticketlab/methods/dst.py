@@ -69,7 +69,17 @@ class DSTSpec(Spec):
     that asking for it by name keeps the run's hash (static has no updates: always None).
     """
 
+    SETUP = (
+        "Evci et al. 2020 (RigL), LeNet-300-100 on MNIST (rigl/mnist): SGD 0.2 with Nesterov "
+        "momentum 0.9, batch 100, ERK, mask updates every 100 steps, alpha 0.3, Glorot init"
+    )
+
     method: str = "dst"
+    optimizer: str = "sgd"
+    lr: float = 0.2
+    momentum: float = 0.9
+    nesterov: bool = True
+    batch_size: int = 100
     algorithm: str = "rigl"
     density: float | None = None
     sparsity: float | None = None

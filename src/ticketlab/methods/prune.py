@@ -51,7 +51,18 @@ class PruneSpec(Spec):
     as the density 1 - S so both spell the same run).
     """
 
+    SETUP = (
+        "Lee et al. 2019 (SNIP), LeNet-300-100: SGD 0.1, momentum 0.9, batch 100, "
+        "weight decay 5e-4, Glorot init; their x0.1 step every 25K iterations is left to "
+        "--schedule step"
+    )
+
     method: str = "prune"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 100
+    weight_decay: float = 5e-4
     density: float | None = None
     sparsity: float | None = None
     allocation: str = "global"

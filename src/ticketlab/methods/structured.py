@@ -77,6 +77,12 @@ class StructuredSpec(Spec):
 
     EXTENDS = frozenset({"from_scratch"})  # the Scratch-E/B variants add to a run
 
+    SETUP = (
+        "Li et al. 2017 (L1 norm of units) and Liu et al. 2017 (network slimming: BN scales): "
+        "train, remove units, fine-tune; training as the lottery's (Frankle & Carbin LeNet: "
+        "Adam 1.2e-3, batch 60) unless set"
+    )
+
     method: str = "structured"
     unit_criterion: str = "l1"
     density: float | None = None

@@ -53,11 +53,62 @@ WEIGHT_KINDS = ("init", "signed-constant")
 COLUMNS = ["algorithm", "weights_kind", "learned_density"]
 
 
+# each algorithm's training setup, for the fields a spec leaves at None
+SETUPS = {
+    # hidden-networks configs/smallscale: SGD 0.1, cosine, momentum 0.9, wd 1e-4, batch 128
+    "edge-popup": dict(
+        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine", batch_size=128
+    ),
+    # deconstructing-lottery-tickets train_supermask.py (README command): SGD lr 100,
+    # momentum 0.9, batch 250, no decay
+    "bernoulli": dict(
+        optimizer="sgd",
+        lr=100.0,
+        momentum=0.9,
+        weight_decay=0.0,
+        schedule="constant",
+        batch_size=250,
+    ),
+}
+SETUPS["same-sign"] = SETUPS["edge-popup"]  # trains nothing; evaluation batch only
+
+
+def apply_setup(spec, setups: dict) -> None:
+    """Fill the training fields ``spec`` leaves at None from its algorithm's setup."""
+    if spec.algorithm not in setups:
+        raise UsageError(f"unknown algorithm '{spec.algorithm}'; choose from: {', '.join(setups)}")
+    filled = set()
+    for name, value in setups[spec.algorithm].items():
+        if getattr(spec, name) is None:
+            object.__setattr__(spec, name, value)
+            filled.add(name)
+    if "momentum" in filled and spec.optimizer not in ("sgd", "rmsprop"):
+        object.__setattr__(spec, "momentum", 0.0)  # the setup's momentum is its optimizer's
+
+
 @dataclass(frozen=True)
 class SupermaskSpec(Spec):
-    """Knobs of ``ticketlab supermask`` on top of :class:`Spec`."""
+    """Knobs of ``ticketlab supermask`` on top of :class:`Spec`.
+
+    The optimizer, learning rate, momentum, weight decay, schedule and batch size
+    default to the algorithm's paper setup (:data:`SETUPS`) when left at None.
+    """
+
+    SETUP = (
+        "edge-popup: Ramanujan et al. 2020 (hidden-networks small-scale configs): SGD 0.1, "
+        "cosine, momentum 0.9, weight decay 1e-4, batch 128, Kaiming normal weights; "
+        "bernoulli: Zhou et al. 2019 (train_supermask.py): SGD 100, momentum 0.9, batch 250"
+    )
+    SETUPS = SETUPS
 
     method: str = "supermask"
+    init: str = "kaiming_normal"
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    batch_size: int | None = None
     algorithm: str = "edge-popup"
     density: float = 0.5
     weights_kind: str = "init"
@@ -68,6 +119,7 @@ class SupermaskSpec(Spec):
     weights: str | None = None  # a trained run directory: frozen weights from its level 0
 
     def __post_init__(self) -> None:
+        apply_setup(self, type(self).SETUPS)
         super().__post_init__()
         for name, value, choices in (
             ("algorithm", self.algorithm, ALGORITHMS),

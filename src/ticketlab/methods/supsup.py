@@ -76,6 +76,21 @@ COLUMNS += ["inference_examples"]
 class SupsupSpec(SupermaskSpec):
     """Knobs of ``ticketlab supsup``: the supermask knobs plus the task sequence."""
 
+    SETUP = (
+        "Wortsman et al. 2020 (supsup experiments/GNu/MNISTPerm): RMSprop 1e-4, no schedule, "
+        "batch 128, signed Kaiming constant weights"
+    )
+    SETUPS = {
+        "edge-popup": dict(
+            optimizer="rmsprop",
+            lr=1e-4,
+            momentum=0.0,
+            weight_decay=0.0,
+            schedule="constant",
+            batch_size=128,
+        )
+    }
+
     method: str = "supsup"
     tasks: int = 3
     task_kind: str = "permuted"
