@@ -4,11 +4,16 @@ lottery run it creates. XOR with a 16-unit MLP, 40 steps: a few seconds."""
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ticketlab.cli import main
+from ticketlab.masks import Mask
+from ticketlab.runs import load_state
 
 XOR = ["--dataset", "xor", "--model", "mlp_16", "--batch-size", "50"]
 XOR += ["--steps", "40it", "--eval-every", "20it", "--quiet"]
@@ -36,6 +41,14 @@ def stab_dir(runs: Path) -> Path:
     return d
 
 
+def lottery_runs(runs: Path) -> dict[int, Path]:
+    """The lottery run directories under ``runs``, by their (resolved) rewind step."""
+    out = {}
+    for d in runs.glob("lottery-*"):
+        out[json.loads((d / "spec.json").read_text())["spec"]["rewind"]] = d
+    return out
+
+
 def test_results_one_row_per_level_and_rewind_point(runs):
     d = stab_dir(runs)
     rows = read(d / "results.csv")
@@ -59,9 +72,53 @@ def test_results_one_row_per_level_and_rewind_point(runs):
         )
         assert float(r["instability"]) >= 0
         assert r["bn_batches"] == "0"  # an MLP has no BatchNorm
-    # the masks of level 1 come from the lottery run with the same settings
-    (lottery,) = runs.glob("lottery-*")
-    assert (lottery / "replicate-0" / "level-1" / "mask.safetensors").exists()
+    # the masks of level 1 come from the lottery runs with the same settings, one per k
+    lotteries = lottery_runs(runs)
+    assert sorted(lotteries) == [0, 20]
+    for r in rows:
+        if r["level"] == "1":
+            name = lotteries[int(r["rewind_step"])].name
+            assert r["mask_run"] == name
+            assert (
+                d / "replicate-0" / "level-1" / f"rewind-{r['rewind_step']}" / "mask.safetensors"
+            ).exists()
+        else:
+            assert r["mask_run"] == ""  # dense
+
+
+def test_each_rewind_point_uses_the_mask_of_imp_rewound_to_it(tmp_path):
+    """Frankle et al. 2020 find the subnetwork for rewind point k by IMP rewound to k: the
+    copies forked at k are masked with level L of the lottery run with ``--rewind k``, and a
+    lottery run made beforehand with those settings is reused, not re-run."""
+    runs = tmp_path / "runs"
+    assert (
+        main(["lottery", *XOR, "--levels", "2", "--rewind", "20it", "--runs-dir", str(runs)]) == 0
+    )
+    (before,) = runs.glob("lottery-*")
+    stamp = (before / "replicate-0" / "level-2" / "mask.safetensors").stat().st_mtime_ns
+    stab = ["stability", *XOR, "--rewind-points", "0it,20it", "--stability-levels", "2"]
+    assert main(stab + ["--path-points", "3", "--runs-dir", str(runs)]) == 0
+    lotteries = lottery_runs(runs)
+    assert sorted(lotteries) == [0, 20] and lotteries[20] == before
+    assert (before / "replicate-0" / "level-2" / "mask.safetensors").stat().st_mtime_ns == stamp
+    masks = {
+        k: Mask.load(d / "replicate-0" / "level-2" / "mask.safetensors")
+        for k, d in lotteries.items()
+    }
+    assert masks[0] != masks[20]  # level 2 prunes a ticket trained from k: they differ
+    d = stab_dir(runs)
+    for k in (0, 20):
+        for c in (1, 2):
+            end = load_state(
+                d
+                / "replicate-0"
+                / "level-2"
+                / f"rewind-{k}"
+                / f"copy-{c}"
+                / "weights_end.safetensors"
+            )
+            for name, keep in masks[k].items():
+                assert torch.equal(end[name] != 0, keep), (k, c, name)
 
 
 def test_same_command_reuses_the_run_and_more_points_extend_it(runs):
@@ -81,6 +138,7 @@ def test_same_command_reuses_the_run_and_more_points_extend_it(runs):
         (["--stability-levels", "-1"], "levels"),
         (["--rewind-points", "40it"], "rewind point"),
         (["--path-points", "1"], "path points"),
+        (["--rewind", "20it", "--stability-levels", "0,1"], "--rewind-points"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
@@ -88,6 +146,19 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_made_with_one_mask_for_every_k_is_refused(runs, tmp_path, capsys):
+    """Level > 0 results of an older ticketlab (one lottery mask for every k) are not reused."""
+    old = tmp_path / "runs"
+    shutil.copytree(runs, old)
+    (old_dir,) = old.glob("stability-*")
+    (old_dir / "replicate-0" / "level-1" / "rewind-20" / "mask.safetensors").unlink()
+    before = sorted(p for p in old.rglob("*"))
+    assert main(STAB + ["--runs-dir", str(old)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one lottery mask for every rewind point" in err[0]
+    assert sorted(p for p in old.rglob("*")) == before
 
 
 def test_report_of_a_stability_run(runs, tmp_path):
@@ -100,7 +171,7 @@ def test_report_of_a_stability_run(runs, tmp_path):
 
 
 def test_compare_and_layer_reinit_on_the_lottery_run(runs, tmp_path):
-    (lottery,) = runs.glob("lottery-*")
+    lottery = lottery_runs(runs)[0]
     out = tmp_path / "cmp"
     assert main(["compare", str(lottery), "--out", str(out), "--quiet"]) == 0
     rows = read(out / "compare.csv")

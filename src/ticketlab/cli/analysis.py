@@ -33,10 +33,16 @@ def add_parsers(sub) -> None:
     lottery_flags(p)
     g = p.add_argument_group("stability")
     g.add_argument(
-        "--rewind-points", type=parse_list, help="rewind steps k to fork at: '0it,100it'"
+        "--rewind-points",
+        type=parse_list,
+        help="rewind steps k to fork at: '0it,100it'; with the rewind protocol these replace "
+        "--rewind (each k tests the masks of IMP rewound to k)",
     )
     g.add_argument(
-        "--stability-levels", type=parse_ints, help="lottery levels to test: '0,3' (0 = dense)"
+        "--stability-levels",
+        type=parse_ints,
+        help="lottery levels to test: '0,3' (0 = dense); level L at k uses the mask of the "
+        "lottery run with --rewind k, run or reused in --runs-dir",
     )
     g.add_argument("--path-points", type=int, help="points on the linear path (default 30)")
     g.add_argument(

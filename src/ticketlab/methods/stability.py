@@ -11,18 +11,29 @@ final weights; with BatchNorm, running statistics are recomputed at every point
 on ``bn_batches`` fixed training batches. Instability is the maximum error on
 the path minus the mean of the endpoints' errors.
 
-Masks for L > 0 come from the lottery run with the same spec (``method=lottery``,
-its own ``--rewind``), which is run or reused in the same runs directory.
+The mask of level L > 0 at rewind point k is that of IMP with rewinding to the
+same k, as Frankle et al. (2020) find each sparse subnetwork: the lottery run
+with this spec and ``rewind=k`` (``method=lottery``, levels up to the largest
+tested), run or reused in the same runs directory, so a ``ticketlab lottery
+--rewind k`` run with the same settings is found by its hash and not re-run.
+Each k thus costs one IMP run (its dense level 0 included). With ``--protocol
+finetune`` or ``lr-rewind`` IMP does not rewind, and every k uses the one
+lottery run with the spec's own settings. With the default ``rewind`` protocol
+the spec's own ``--rewind`` would mean nothing, so it is refused. A run directory
+whose level > 0 results were made by an older ticketlab (one mask for every k)
+is refused rather than reused.
 
 Run store: ``<runs-dir>/stability-<hash12>/`` with
 ``replicate-<r>/parent/step-<k>.safetensors``,
 ``replicate-<r>/level-<L>/rewind-<k>/copy-{1,2}/`` (weights, metrics, result.json),
-``.../rewind-<k>/path.json`` and ``result.json``. ``results.csv`` has one row
+``.../rewind-<k>/path.json``, ``result.json`` and, for L > 0, ``mask.safetensors``
+(the mask the copies were trained with). ``results.csv`` has one row
 per (replicate, level, rewind step): the contract columns (accuracies and losses
 are the mean of the two copies; ``steps`` and ``train_seconds`` per copy and
 summed) and the key columns ``rewind_step`` and ``instability``, plus
-``error_endpoints``, ``error_max``, ``alpha_max``, ``path_points`` and
-``bn_batches`` (batches used to recompute BatchNorm stats; 0 without BN).
+``error_endpoints``, ``error_max``, ``alpha_max``, ``path_points``,
+``bn_batches`` (batches used to recompute BatchNorm stats; 0 without BN) and
+``mask_run`` (the lottery run directory whose mask was used; empty for level 0).
 ``paths.csv`` has one row per point: replicate, level, rewind_step, alpha,
 test_error, test_loss, bn_batches. Rewind points and levels only extend a run
 and are not hashed; path points and BN batches are.
@@ -66,7 +77,7 @@ from .lottery import LotteryExperiment
 
 # Knobs that only extend a stability run.
 KEY_COLUMNS = ["rewind_step", "instability", "error_endpoints", "error_max", "alpha_max"]
-KEY_COLUMNS += ["path_points", "bn_batches"]
+KEY_COLUMNS += ["path_points", "bn_batches", "mask_run"]
 PATH_COLUMNS = ["replicate", "level", "rewind_step", "alpha", "test_error", "test_loss"]
 PATH_COLUMNS += ["bn_batches"]
 
@@ -102,10 +113,14 @@ class StabilitySpec(Spec):
             raise UsageError(f"bn batches must be >= 0; got {self.bn_batches}")
 
 
-def lottery_spec(spec: StabilitySpec) -> Spec:
-    """The lottery run whose masks a stability run tests."""
+def lottery_spec(spec: StabilitySpec, k: int | None = None) -> Spec:
+    """The lottery run whose masks a stability run tests at rewind point ``k`` (in
+    iterations): IMP rewound to ``k``. ``None`` keeps the spec's own rewind (the
+    protocols that do not rewind)."""
     values = {f.name: getattr(spec, f.name) for f in fields(Spec)}
     values.update(method="lottery", levels=max(spec.stability_levels), controls=())
+    if k is not None:
+        values["rewind"] = f"{k}it"  # resolved the same as any spelling of k: the same hash
     return Spec(**values)
 
 
@@ -125,11 +140,23 @@ class Stability:
         if ks[-1] >= self.res.steps:
             raise UsageError(f"rewind point {ks[-1]} must be before the end of training")
         self.ks = ks
+        if spec.protocol == "rewind" and self.res.rewind != 0:
+            msg = (
+                f"stability rewinds the lottery to each rewind point k, so --rewind"
+                f" ({spec.rewind}) is not used; give the points with --rewind-points"
+            )
+            raise UsageError(msg)
         self.identity = identity(spec, self.spe)
         self.hash = spec_hash(self.identity)
-        self.lottery = None
+        # k -> the lottery run whose level-L masks are tested at k (IMP rewound to k)
+        self.lotteries: dict[int, LotteryExperiment] = {}
         if max(spec.stability_levels) > 0:
-            self.lottery = LotteryExperiment(lottery_spec(spec), data=None)
+            if spec.protocol == "rewind":
+                for k in ks:
+                    self.lotteries[k] = LotteryExperiment(lottery_spec(spec, k), data=None)
+            else:
+                one = LotteryExperiment(lottery_spec(spec), data=None)
+                self.lotteries = dict.fromkeys(ks, one)
         self.dir = open_run(
             spec.runs_dir,
             "stability",
@@ -138,6 +165,21 @@ class Stability:
             resolved_dict(spec, self.spe),
             unhashed_fields(spec),
         )
+        self._refuse_one_mask_runs()
+
+    def _refuse_one_mask_runs(self) -> None:
+        """Results at level > 0 without the mask they used are an older ticketlab's, which
+        masked every k with one lottery run's mask: not reused (nothing is written)."""
+        for kdir in sorted(self.dir.glob("replicate-*/level-*/rewind-*")):
+            level = kdir.parent.name.removeprefix("level-")
+            if not (level.isdigit() and int(level) > 0) or (kdir / "mask.safetensors").exists():
+                continue
+            if any(kdir.iterdir()):  # an empty one is this version's, stopped before its mask
+                msg = (
+                    f"run {self.dir} has results made with one lottery mask for every rewind"
+                    f" point ({kdir.relative_to(self.dir)}); move it away or use another --runs-dir"
+                )
+                raise UsageError(msg)
 
     def model(self, r: int):
         s = self.spec
@@ -145,8 +187,8 @@ class Stability:
         return build(s.model, shape, classes, s.width, s.init, replicate_seed(s, r, "init"))
 
     def run(self, progress=None) -> list[dict]:
-        if self.lottery is not None:
-            self.lottery.run(progress)
+        for lottery in {id(e): e for e in self.lotteries.values()}.values():
+            lottery.run(progress)
         self.dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.dir):
             write_spec(
@@ -196,16 +238,20 @@ class Stability:
             2: derive_seed(spec.seed, r, "data/stability-copy-2"),
         }
         for level in spec.stability_levels:
-            if level == 0:
-                mask = Mask.dense(model)
-            else:
-                mask = Mask.load(
-                    self.lottery.dir / f"replicate-{r}" / f"level-{level}" / "mask.safetensors"
-                )
             for k in self.ks:
                 kdir = self.dir / f"replicate-{r}" / f"level-{level}" / f"rewind-{k}"
                 if (kdir / "result.json").exists():
                     continue
+                if level == 0:
+                    mask, mask_run = Mask.dense(model), ""
+                else:
+                    lottery = self.lotteries[k].dir
+                    mask = Mask.load(
+                        lottery / f"replicate-{r}" / f"level-{level}" / "mask.safetensors"
+                    )
+                    mask_run = lottery.name
+                    kdir.mkdir(parents=True, exist_ok=True)
+                    mask.save(kdir / "mask.safetensors")
                 ends, metrics = {}, {}
                 for c in (1, 2):
                     cdir = kdir / f"copy-{c}"
@@ -264,6 +310,7 @@ class Stability:
                     alpha_max=path[worst]["alpha"],
                     path_points=len(path),
                     bn_batches=path[0]["bn_batches"],
+                    mask_run=mask_run,
                     status="done",
                 )
                 write_json(kdir / "result.json", row)
