@@ -13,10 +13,24 @@ the training loop.
 
 :class:`EarlyBirdExperiment` (``ticketlab early-bird``) puts them together: per
 replicate, the search (level 0, variant ``search``) trains the dense network
-with the L1 penalty and the watch, and stops at the draw; the ticket (level 1,
-variant ``ticket``) is the pruned network retrained for the full budget from the
+with the L1 penalty and the watch, and stops at the draw, at step t; the ticket
+(level 1, variant ``ticket``) is the pruned network, starting from the
 drawing-epoch weights (``retrain_from="draw"``) or from the initialisation
-(``"init"``). A channel ticket is physically smaller when the structured path
+(``"init"``). How it is retrained is ``retrain``:
+
+- ``"continue"`` (the default; the reference's ``retrain_continue.sh``, ``main_c.py
+  --start-epoch t --sparsity-regularization``): steps ``[t, T)`` of the same budget,
+  the LR schedule and the data order going on from step t, the L1 penalty on the
+  BN scales kept, a fresh optimizer (as there). Search and retraining together take
+  one budget T. (The reference's README fine-tunes the ticket "from emergence
+  epoch", which ``retrain_from="draw"`` does; its ``main_c.py`` as published builds
+  the pruned network anew and copies no weights into it.)
+- ``"restart"``: steps ``[0, T)`` with the schedule started again and no L1
+  term, so search plus retraining take t + T steps.
+
+A ticket drawn at the end of the budget (t = T) has nothing left to train in
+``"continue"``: its row is the pruned network evaluated as drawn (``steps`` 0).
+A channel ticket is physically smaller when the structured path
 can remove its channels layer by layer (VGG, conv nets, BN stacks:
 :func:`removable_units`, ``removed_units=True`` in its row, with its ``params``
 and ``macs``); otherwise (residual streams, a layer left without channels) the
@@ -28,7 +42,8 @@ they were cut: the search's checkpoint carries the watch's queue of masks
 channels and weights the search wrote at the draw.
 
 Training cost counts 3 forward passes (forward + backward) per example and
-step, with forward multiply-adds from :func:`ticketlab.metrics.layer_macs`
+step actually taken (the search's t steps dense, then the ticket's T - t, or T
+in ``"restart"``), with forward multiply-adds from :func:`ticketlab.metrics.layer_macs`
 at the weight mask's per-layer density (the dense search at density 1); a
 physically smaller ticket counts its own multiply-adds, while a channel-masked
 one does not discount a pruned channel's inputs to the next layer (an upper
@@ -55,10 +70,11 @@ from ..protocols import rewind, snapshot
 from ..pruning.structured import BNL1Penalty, bn_layers, groups, remove_units
 from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_csv, write_json
 from ..spec import Spec
-from ..train import train
+from ..train import evaluate, train
 
 MASK_KINDS = ("channel", "weight")
 RETRAIN_FROM = ("draw", "init")
+RETRAIN = ("continue", "restart")
 
 
 @torch.no_grad()
@@ -246,13 +262,31 @@ class EarlyBirdSpec(Spec):
     """Knobs of ``ticketlab early-bird`` on top of :class:`Spec`.
 
     ``ratio`` is the pruning ratio p; ``l1`` the L1 strength s on the BN scales;
-    ``keep`` and ``distance`` the FIFO length and the draw threshold.
+    ``keep`` and ``distance`` the FIFO length and the draw threshold;
+    ``retrain_from`` what the ticket's weights start from and ``retrain`` how it is
+    retrained: ``continue`` (the rest of the budget, schedule and L1 kept) or
+    ``restart`` (the full budget again, schedule restarted, no L1).
     """
 
+    SETUP = (
+        "You et al. 2020 (Early-Bird-Tickets README): VGG (the paper's VGG-16; vgg11 here, "
+        "lighter on a CPU), SGD 0.1, momentum 0.9, weight decay 1e-4, batch 256, L1 1e-4 on "
+        "the BN scales, p = 0.5, FIFO of 5 masks, distance 0.1; its x0.1 at 50% and 75% is "
+        "left to --schedule step"
+    )
+
     method: str = "early-bird"
+    model: str = "vgg11"
+    init: str = "kaiming_normal"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 256
     ratio: float = 0.5
     l1: float = 1e-4
     retrain_from: str = "draw"
+    retrain: str = "continue"
     mask_kind: str = "channel"
     keep: int = 5
     distance: float = 0.1
@@ -267,6 +301,9 @@ class EarlyBirdSpec(Spec):
         if self.retrain_from not in RETRAIN_FROM:
             choices = ", ".join(RETRAIN_FROM)
             raise UsageError(f"unknown retrain-from '{self.retrain_from}'; choose from: {choices}")
+        if self.retrain not in RETRAIN:
+            choices = ", ".join(RETRAIN)
+            raise UsageError(f"unknown retrain '{self.retrain}'; choose from: {choices}")
         if self.mask_kind not in MASK_KINDS:
             raise UsageError(
                 f"unknown mask kind '{self.mask_kind}'; choose from: {', '.join(MASK_KINDS)}"
@@ -286,6 +323,15 @@ class EarlyBirdExperiment(Experiment):
         probe = self.model_fn(0)
         if spec.mask_kind == "channel" and not bn_layers(probe):
             raise UsageError(f"model '{spec.model}' has no BatchNorm layers for channel masks")
+        stored = self.dir / "spec.json"
+        if spec.retrain == "continue" and stored.exists():
+            if "retrain" not in read_json(stored).get("spec", {}):
+                # made before `retrain` existed: its tickets were retrained as "restart"
+                raise UsageError(
+                    f"run {self.dir} was made before --retrain existed and its tickets were "
+                    "retrained with the schedule restarted (now --retrain restart, a run of "
+                    "its own); the default is now continue: use another --runs-dir"
+                )
         self.macs = layer_macs(probe, self.data.input_shape)
 
     def _cost(self, steps: int, densities: dict[str, float] | None) -> float:
@@ -309,6 +355,7 @@ class EarlyBirdExperiment(Experiment):
             "density_all": model_density(model),
             **metrics,
             "retrain_from": spec.retrain_from,
+            "retrain": spec.retrain,
             "mask_kind": spec.mask_kind,
             "ratio": spec.ratio,
             **extra,
@@ -387,10 +434,12 @@ class EarlyBirdExperiment(Experiment):
         write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
 
     def _ticket(self, r: int, sdir, tdir, progress) -> None:
-        """Retrain the drawn ticket for the full budget from what the search saved (so a
-        half-done ticket resumes from its own checkpoint without searching again)."""
+        """Retrain the drawn ticket from what the search saved (so a half-done ticket
+        resumes from its own checkpoint without searching again): on the rest of the
+        budget with the L1 term (``continue``) or on all of it without (``restart``)."""
         spec, res = self.spec, self.res
         search = read_json(sdir / "result.json")
+        start = search["steps"] if spec.retrain == "continue" else 0
         model = self.model_fn(self.seed(r, "init"))
         mask = Mask.load(sdir / "mask.safetensors")
         channels = None
@@ -419,33 +468,53 @@ class EarlyBirdExperiment(Experiment):
         tdir.mkdir(parents=True, exist_ok=True)
         mask.save(tdir / "mask.safetensors")
         save_state(tdir / "weights_start.safetensors", snapshot(model))
-        metrics = train(
-            model,
-            self.data,
-            spec,
-            train_mask,
-            data_seed=self.seed(r, "data"),
-            aug_seed=self.seed(r, "aug"),
-            workdir=tdir,
-            progress=progress,
-            label=f"rep {r} early-bird ticket ({100 * mask.density():.1f}%)",
-            callbacks=[ChannelKeeper(channels)] if channels is not None else [],
-        )
+        callbacks = [BNL1Penalty(spec.l1)] if spec.retrain == "continue" else []
+        if channels is not None:
+            callbacks.append(ChannelKeeper(channels))
+        if start < res.steps:
+            metrics = train(
+                model,
+                self.data,
+                spec,
+                train_mask,
+                start=start,
+                data_seed=self.seed(r, "data"),
+                aug_seed=self.seed(r, "aug"),
+                workdir=tdir,
+                progress=progress,
+                label=f"rep {r} early-bird ticket ({100 * mask.density():.1f}%)",
+                callbacks=callbacks,
+            )
+        else:  # drawn at the end of the budget: nothing is left to continue with
+            metrics = self._untrained(model, start)
         save_state(tdir / "weights_end.safetensors", snapshot(model))
+        steps = metrics["steps"]  # the steps the ticket actually took
         if removed:
-            retrain = 3.0 * removed["macs"] * res.steps * spec.batch_size
+            retrain = 3.0 * removed["macs"] * steps * spec.batch_size
         else:
-            retrain = self._cost(res.steps, mask.layer_density())
+            retrain = self._cost(steps, mask.layer_density())
         cost = self._cost(search["steps"], None) + retrain
         lottery = self.lottery_flops()
         row = self._row(
             r, 1, "ticket", model, mask, metrics,
-            draw_epoch=search["draw_epoch"], ticket_drawn=True, train_flops=cost,
-            lottery_train_flops=lottery, flops_saved_vs_lottery=1 - cost / lottery, **removed,
+            draw_epoch=search["draw_epoch"], ticket_drawn=True, retrain_start=start,
+            train_flops=cost, lottery_train_flops=lottery,
+            flops_saved_vs_lottery=1 - cost / lottery, **removed,
         )  # fmt: skip
         write_json(tdir / "result.json", row)
         (tdir / "checkpoint.safetensors").unlink(missing_ok=True)
         write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+
+    def _untrained(self, model, step: int) -> dict:
+        """The metrics :func:`~ticketlab.train.train` returns, for a model not trained."""
+        data, batch = self.data, self.spec.eval_batch_size
+        device = next(model.parameters()).device
+        out = {"steps": 0, "train_seconds": 0.0, "best_val_step": step}
+        for split in ("test", "val", "train"):
+            x, y = getattr(data, f"x_{split}").to(device), getattr(data, f"y_{split}").to(device)
+            out[f"{split}_loss"], out[f"{split}_accuracy"] = evaluate(model, x, y, batch)
+        out["test_accuracy_at_best_val"] = out["test_accuracy"]
+        return out
 
 
 def removable_units(model: nn.Module, channels: dict[str, torch.Tensor]):
