@@ -32,6 +32,8 @@ BARE = {
     "supermask --algorithm bernoulli": ["--algorithm", "bernoulli"],
     "supsup": [],
     "bn-only": ["--width", "0.25", "--steps", "100it", "--eval-every", "100it"],
+    "early-bird": ["--width", "0.125", "--steps", "100it", "--eval-every", "100it"],
+    "noise": ["--noise", "0,0.1"],
 }
 # training only BatchNorm's scale and shift learns slowly: 46.7% after 200 steps
 FLOOR = {"bn-only": 0.3}

@@ -175,6 +175,10 @@ def test_noise_bad_input(tiny, tmp_path):
     assert main([*base, "--density", "1"]) == 2
     assert main([*base, "--kwinners", "1.5"]) == 2
     assert main([*base, "--kwinners-inference", "0.5"]) == 2
+    assert main([*base, "--noise", "0,1.5"]) == 2  # a fraction of the pixels
+    assert main([*base, "--noise-kind", "salt"]) == 2
+    assert main([*base, "--weight-sparsity", "per-row"]) == 2
+    assert main([*base, "--duty-cycles", "column"]) == 2
     assert not list(tmp_path.iterdir())
 
 
@@ -262,3 +266,101 @@ def test_noise_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
     (whole,), (split,) = (list((tmp_path / d).glob("noise-*")) for d in ("whole", "split"))
     _same_results(whole, split)
     assert not list(split.rglob("checkpoint.safetensors"))
+
+
+def _per_unit_counts(m: torch.Tensor) -> torch.Tensor:
+    """Kept inputs of each output unit (a conv's output channel: over in x kh x kw)."""
+    return m.flatten(1).sum(1)
+
+
+def test_sparse_networks_keep_the_same_count_per_unit(tiny, tmp_path):
+    """The paper's sparse weights: every unit of a layer has the same number of nonzero
+    inputs, fan_in - round((1 - d) fan_in), at one density d for all layers."""
+    from ticketlab.masks import Mask
+
+    args = [*BASE, "--steps", "1it", "--eval-every", "1it", "--density", "0.3"]
+    assert main([*args, "--noise", "0", "--runs-dir", str(tmp_path)]) == 0
+    (run,) = tmp_path.glob("noise-*")
+    masks = [Mask.load(run / f"replicate-0/level-1/{v}/mask.safetensors") for v in
+             ("sparse", "sparse-kwinners")]  # fmt: skip
+    assert masks[0] == masks[1]
+    assert len(masks[0]) == 5  # conv2: two convs, two hidden linears, the output
+    for name, m in masks[0].items():
+        fan_in = m[0].numel()
+        want = fan_in - round(0.7 * fan_in)
+        assert (_per_unit_counts(m) == want).all(), name
+
+
+def test_fixed_fan_in_mask_with_a_distribution():
+    from ticketlab.pruning.allocation import fixed_fan_in_mask, layer_densities
+
+    model = build("conv2", (1, 8, 8), 3, 0.25, seed=0)
+    g = torch.Generator().manual_seed(1)
+    mask = fixed_fan_in_mask(model, 0.2, "erk", generator=g)
+    dens = layer_densities(model, 0.2, "erk")
+    for name, m in mask.items():
+        fan_in = m[0].numel()
+        assert (_per_unit_counts(m) == max(1, fan_in - round((1 - dens[name]) * fan_in))).all()
+    assert abs(mask.density() - 0.2) < 0.01
+    first = fixed_fan_in_mask(model, 0.2, "uniform", first_dense=True, generator=g)
+    assert first[first.names()[0]].all()
+    # one generator draw per layer: the same seed gives the same mask
+    a = fixed_fan_in_mask(model, 0.5, generator=torch.Generator().manual_seed(7))
+    b = fixed_fan_in_mask(model, 0.5, generator=torch.Generator().manual_seed(7))
+    assert a == b
+
+
+def test_noise_defaults_are_the_papers_and_old_ones_are_options(tiny, tmp_path):
+    from ticketlab.methods.noise import NoiseSpec
+    from ticketlab.pruning.allocation import random_sparse_mask
+
+    spec = NoiseSpec()
+    assert spec.noise_kind == "pixels" and spec.weight_sparsity == "per-unit"
+    assert spec.distribution == "uniform" and spec.duty_cycles == "channel"
+    assert spec.noise == pytest.approx(tuple(i / 20 for i in range(11)))
+    # the earlier behaviour: ERK random masks, Gaussian noise, per-unit duty cycles
+    args = [*BASE, "--steps", "1it", "--eval-every", "1it", "--density", "0.3"]
+    args += ["--noise-kind", "gaussian", "--weight-sparsity", "per-layer"]
+    args += ["--distribution", "erk", "--duty-cycles", "unit", "--noise", "0,2"]
+    assert main([*args, "--runs-dir", str(tmp_path)]) == 0
+    (run,) = tmp_path.glob("noise-*")
+    from ticketlab.masks import Mask
+    from ticketlab.methods.noise import NoiseExperiment
+
+    spec = NoiseSpec(
+        model="conv2", width=0.25, batch_size=32, steps="1it", eval_every="1it", density=0.3,
+        noise_kind="gaussian", weight_sparsity="per-layer", distribution="erk",
+        duty_cycles="unit", noise=(0.0, 2.0), quiet=True, runs_dir=str(tmp_path),
+    )  # fmt: skip
+    exp = NoiseExperiment(spec)
+    assert exp.dir == run
+    gen = torch.Generator().manual_seed(exp.seed(0, "noise/mask"))
+    old = random_sparse_mask(exp.model_fn(exp.seed(0, "init")), 0.3, "erk", False, gen)
+    assert Mask.load(run / "replicate-0/level-1/sparse/mask.safetensors") == old
+    from safetensors.torch import load_file
+
+    state = load_file(str(run / "replicate-0/level-1/sparse-kwinners/weights_end.safetensors"))
+    duty = {k: v.shape for k, v in state.items() if k.endswith(".duty")}
+    assert sorted(duty.values()) == [(64,), (64,), (16 * 8 * 8,), (16 * 8 * 8,)]
+
+
+def test_a_run_from_before_the_paper_defaults_is_refused(tiny, tmp_path):
+    """A default spec keeps its hash, so a run directory written before noise_kind,
+    weight_sparsity and duty_cycles existed (Gaussian, per-layer, per-unit) is refused
+    instead of being taken for the paper's setup."""
+    from ticketlab.errors import UsageError
+    from ticketlab.methods.noise import NoiseExperiment, NoiseSpec
+    from ticketlab.runs import write_spec
+    from ticketlab.spec import resolved_dict
+
+    spec = NoiseSpec(model="conv2", width=0.25, quiet=True, runs_dir=str(tmp_path))
+    exp = NoiseExperiment(spec)
+    old = resolved_dict(spec, exp.spe)
+    for k in ("noise_kind", "weight_sparsity", "duty_cycles"):
+        old.pop(k)
+    exp.dir.mkdir(parents=True)
+    write_spec(exp.dir, exp.identity, exp.hash, old, exp.spe)
+    with pytest.raises(UsageError, match="another --runs-dir"):
+        NoiseExperiment(spec)
+    write_spec(exp.dir, exp.identity, exp.hash, resolved_dict(spec, exp.spe), exp.spe)
+    assert NoiseExperiment(spec).dir == exp.dir  # a run with the knobs is fine

@@ -57,6 +57,12 @@ def add_parsers(sub) -> None:
     g.add_argument("--ratio", type=float, help="pruning ratio p of channels/weights (0.5)")
     g.add_argument("--l1", type=float, help="L1 strength s on the BN scales (1e-4)")
     g.add_argument("--retrain-from", help="draw or init: what the ticket starts from (draw)")
+    g.add_argument(
+        "--retrain",
+        help="continue (the rest of the budget from the draw, LR schedule and L1 on the BN "
+        "scales kept, as the reference) or restart (the full budget again, schedule "
+        "restarted, no L1) (continue)",
+    )
     g.add_argument("--mask-kind", help="channel (structured) or weight (unstructured)")
     g.add_argument("--keep", type=int, help="masks in the FIFO (5)")
     g.add_argument("--distance", type=float, help="draw when all distances are <= this (0.1)")
@@ -72,9 +78,28 @@ def add_parsers(sub) -> None:
         prepare=_noise_scales,
     )
     g.add_argument("--density", type=float, help="fraction of weights kept, in (0, 1) (0.5)")
-    g.add_argument("--distribution", help="uniform, er or erk (default erk)")
+    g.add_argument(
+        "--distribution", help="how the density is spread over layers: uniform, er or erk (uniform)"
+    )
+    g.add_argument(
+        "--weight-sparsity",
+        help="per-unit (the paper: every unit keeps the same number of inputs) or per-layer "
+        "(round(d n) weights anywhere in a layer) (per-unit)",
+    )
     g.add_argument("--kwinners", type=float, help="fraction k/n of units kept (0.25)")
     g.add_argument("--kwinners-inference", type=float, help="factor on k at evaluation (1.5)")
     g.add_argument("--boost-strength", type=float, help="k-winners boost strength beta (1.5)")
     g.add_argument("--boost-decay", type=float, help="factor on beta after each epoch (0.9)")
-    g.add_argument("--noise", help="Gaussian noise scales, comma-separated (0,0.1,0.2,0.4,0.8)")
+    g.add_argument(
+        "--duty-cycles", help="conv k-winners duty cycles per channel (the paper) or unit (channel)"
+    )
+    g.add_argument(
+        "--noise-kind",
+        help="pixels (the paper: a fraction of input pixels set to the mean + 2 std) or "
+        "gaussian (added, scaled by the inputs' std) (pixels)",
+    )
+    g.add_argument(
+        "--noise",
+        help="noise levels, comma-separated: fractions of pixels, or Gaussian scales "
+        "(0,0.05,...,0.5)",
+    )

@@ -378,3 +378,29 @@ def random_sparse_mask(
     scores = {n: torch.rand(m.shape, generator=generator) for n, m in dense.items()}
     skip = ("first",) if first_dense else ()
     return select(scores, dense, density, allocation_of(distribution), skip, model=model)
+
+
+def fixed_fan_in_mask(
+    model: nn.Module,
+    density: float,
+    distribution: str = "uniform",
+    first_dense: bool = False,
+    generator: torch.Generator | None = None,
+) -> Mask:
+    """A random mask in which every output unit of a layer keeps the same number of inputs
+    (Ahmad & Scheinkman 2019's sparse weights): ``fan_in - round((1 - d_i) fan_in)``, at
+    least 1, with d_i the layer's density from the distribution and fan_in a row of the
+    weight (for a conv, an output channel's in_channels x kh x kw). Each unit draws its
+    inputs uniformly without replacement; one ``generator`` draw per layer, in order."""
+    dense = Mask.dense(model)
+    skip = ("first",) if first_dense else ()
+    dens = layer_densities(model, density, allocation_of(distribution), skip)
+    out = {}
+    for name, m in dense.items():
+        rows, fan_in = m.shape[0], m[0].numel()
+        keep = max(1, fan_in - round((1.0 - dens[name]) * fan_in))
+        order = torch.rand(rows, fan_in, generator=generator).argsort(dim=1)
+        flat = torch.zeros(rows, fan_in, dtype=torch.bool)
+        flat.scatter_(1, order[:, :keep], True)
+        out[name] = flat.view_as(m)
+    return Mask(out)

@@ -11,8 +11,9 @@ the per-layer densities) and writes:
 - ``instability.png`` and ``paths-<run>.png`` for stability runs;
 - ``tasks.png`` for SupSup runs: accuracy on each task (task id given) and with
   the id inferred, after each new task is learned;
-- ``noise.png`` for noise-robustness runs: test accuracy against the scale of
-  the Gaussian noise added to test inputs, one line per network;
+- ``noise.png`` for noise-robustness runs: test accuracy against the noise
+  level (the fraction of pixels set bright, or the Gaussian scale), one line per
+  network;
 - ``report.html`` with every figure and the numbers behind it. A row is marked
   ``matching`` when its mean test accuracy is at least the dense network's mean
   minus one std over replicates (Frankle et al.).

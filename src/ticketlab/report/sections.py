@@ -307,13 +307,21 @@ def noise_section(runs, out: Path) -> Section:
         lines, points = _curves(r, lambda row: (row["variant"], float(row["noise"])))
         series += lines
         rows = [[v, f"{x:g}", str(len(rs)), _pct(m), _pct(sd)] for v, x, rs, m, sd in points]
-        cols = ["network", "noise scale", "n", "test acc % mean", "std"]
+        cols = ["network", "noise level", "n", "test acc % mean", "std"]
         tables.append(
             Table(f"{r.label}: accuracy under noise", cols, rows, str(r.path / "results.csv"))
         )
+    kinds = {row.get("noise_kind") or "gaussian" for r in runs for row in r.rows}
+    axis = (
+        "scale of the Gaussian noise added to test inputs"
+        if kinds == {"gaussian"}
+        else "fraction of test-input pixels set to a bright value"
+        if kinds == {"pixels"}
+        else "noise level (fraction of pixels, or Gaussian scale)"
+    )
     png = figures.metric_vs_x(
         series,
-        "scale of the Gaussian noise added to test inputs",
+        axis,
         "test accuracy %",
         "Noise robustness",
         out / "noise.png",
