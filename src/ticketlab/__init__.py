@@ -30,6 +30,7 @@ from ._version import __version__
 from .data import Dataset, from_tensors
 from .errors import DataError, RunInterrupted, UsageError
 from .experiment import Experiment, run_on_module
+from .export import load_exported
 from .load import load_model
 from .masks import Mask, model_density, prunable_weights
 from .methods.lottery import LotteryExperiment, lottery
@@ -97,6 +98,7 @@ __all__ = [
     "data",
     "evaluate",
     "from_tensors",
+    "load_exported",
     "load_model",
     "lottery",
     "run_on_module",
