@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ticketlab.cli import main
-from ticketlab.runs import RESULT_COLUMNS
+from ticketlab.runs import RESULT_COLUMNS, load_state
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -338,9 +337,9 @@ def test_lottery_run_writes_the_contracted_store(quick_run):
         )
         assert lo - 1e-6 <= float(r["density_all"]) <= hi + 1e-6, level
         # the mask on disk has exactly round(f*n) removed per level in each layer
-        mask = load_file(str(run / f"replicate-0/level-{level}/ticket/mask.safetensors"))
+        mask = load_state(run / f"replicate-0/level-{level}/ticket/mask.safetensors")
         assert {tuple(t.shape): int(t.bool().sum()) for t in mask.values()} == kept
-        ends = load_file(str(run / f"replicate-0/level-{level}/ticket/weights_end.safetensors"))
+        ends = load_state(run / f"replicate-0/level-{level}/ticket/weights_end.safetensors")
         for name, m in mask.items():
             assert torch.all(ends[name][~m.bool()] == 0), f"pruned weights of {name} not zero"
 
@@ -360,9 +359,9 @@ def test_lottery_run_writes_the_contracted_store(quick_run):
 def test_level_tickets_rewind_to_the_original_initialisation(quick_run):
     """Rewind to step 0: each ticket starts from the dense run's start, masked."""
     run = only_run_dir(quick_run)
-    init = load_file(str(run / "replicate-0/level-0/ticket/weights_start.safetensors"))
-    start = load_file(str(run / "replicate-0/level-2/ticket/weights_start.safetensors"))
-    mask = load_file(str(run / "replicate-0/level-2/ticket/mask.safetensors"))
+    init = load_state(run / "replicate-0/level-0/ticket/weights_start.safetensors")
+    start = load_state(run / "replicate-0/level-2/ticket/weights_start.safetensors")
+    mask = load_state(run / "replicate-0/level-2/ticket/mask.safetensors")
     for name, value in init.items():
         expected = value * mask[name].to(value.dtype) if name in mask else value
         assert torch.equal(start[name], expected), name
@@ -411,8 +410,8 @@ def test_rerun_skips_finished_work_and_extends_the_same_directory(capsys, tmp_pa
     by_key = {k: r for k, r in zip(keys(rows), rows)}
     for k in (1, 2, 3):  # a control keeps the ticket's mask, so its density
         assert by_key[(0, k, "reinit")]["density"] == by_key[(0, k, "ticket")]["density"]
-        ticket_mask = load_file(str(run / f"replicate-0/level-{k}/ticket/mask.safetensors"))
-        reinit_mask = load_file(str(run / f"replicate-0/level-{k}/reinit/mask.safetensors"))
+        ticket_mask = load_state(run / f"replicate-0/level-{k}/ticket/mask.safetensors")
+        reinit_mask = load_state(run / f"replicate-0/level-{k}/reinit/mask.safetensors")
         assert all(torch.equal(ticket_mask[n], reinit_mask[n]) for n in ticket_mask)
 
     # a second replicate: new seeds, replicate-0 untouched
@@ -423,8 +422,8 @@ def test_rerun_skips_finished_work_and_extends_the_same_directory(capsys, tmp_pa
     assert len(rows) == 14 and len(set(keys(rows))) == 14  # 2 x (4 tickets + 3 reinit)
     assert {r for r, _, _ in keys(rows)} == {0, 1}
     assert file_ids(run, "replicate-0/**/*.safetensors") == rep0
-    init0 = load_file(str(run / "replicate-0/level-0/ticket/weights_start.safetensors"))
-    init1 = load_file(str(run / "replicate-1/level-0/ticket/weights_start.safetensors"))
+    init0 = load_state(run / "replicate-0/level-0/ticket/weights_start.safetensors")
+    init1 = load_state(run / "replicate-1/level-0/ticket/weights_start.safetensors")
     assert init0.keys() == init1.keys()
     assert all(not torch.equal(init0[n], init1[n]) for n in init0 if n.endswith("weight"))
     assert list(run.rglob("checkpoint*")) == [] and not (run / "lock").exists()
@@ -543,7 +542,7 @@ def test_same_command_in_fresh_directories_gives_identical_results(quick_run, tm
         assert [r[column] for r in a] == [r[column] for r in b], column
     for level in range(3):
         path = f"replicate-0/level-{level}/ticket/weights_end.safetensors"
-        wa, wb = load_file(str(first / path)), load_file(str(second / path))
+        wa, wb = load_state(first / path), load_state(second / path)
         assert all(torch.equal(wa[n], wb[n]) for n in wa), level
 
 

@@ -174,9 +174,8 @@ def _variant_dir(runs_dir, alg):
 @pytest.mark.parametrize("alg", ["static", "set", "rigl"])
 @pytest.mark.parametrize("stop_at", [25, 30])  # between an update and an evaluation; at both
 def test_resume_is_bit_identical(tmp_path, monkeypatch, alg, stop_at):
-    from safetensors.torch import load_file
-
     from ticketlab.methods import dst
+    from ticketlab.runs import load_state
     from ticketlab.train import request_stop
 
     assert _dst_run(tmp_path / "whole", alg) == 0
@@ -204,7 +203,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, alg, stop_at):
     assert _dst_run(tmp_path / "split", alg) == 0  # resumed, not started again
     assert steps == list(range(60))
     for name in ("weights_end.safetensors", "mask_end.safetensors"):
-        a, b = load_file(str(whole / name)), load_file(str(part / name))
+        a, b = load_state(whole / name), load_state(part / name)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)

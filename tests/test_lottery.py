@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import ticketlab as tl
 from ticketlab.masks import MaskKeeper, layer_kinds
@@ -208,7 +207,7 @@ def _xor_spec(tmp_path, **kw):
 
 
 def _weights(path):
-    return load_file(str(path))
+    return tl.runs.load_state(path)
 
 
 def test_rewound_weights_equal_saved_ones_bit_for_bit(tmp_path, xor):

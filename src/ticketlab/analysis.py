@@ -246,9 +246,7 @@ def compare_runs(run_dirs, out_dir=None, level: int | None = None) -> list[dict]
     """
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
-    from .runs import write_csv
+    from .runs import load_state, write_csv
 
     dirs = _check_runs(run_dirs)
     masks: dict[str, tuple] = {}
@@ -285,7 +283,7 @@ def compare_runs(run_dirs, out_dir=None, level: int | None = None) -> list[dict]
         for label, (mask, *_, vdir) in masks.items():
             start, end = vdir / "weights_start.safetensors", vdir / "weights_end.safetensors"
             if start.exists() and end.exists():
-                agree = sign_agreement(load_file(str(end)), load_file(str(start)), mask)
+                agree = sign_agreement(load_state(end), load_state(start), mask)
                 signs.append({"mask": label, "density": mask.density(), "sign_agreement": agree})
         write_csv(out / "signs.csv", signs, ["mask", "density", "sign_agreement"])
         figures.heatmap(matrix, labels, "Jaccard overlap of masks", out / "jaccard.png")

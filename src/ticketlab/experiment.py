@@ -248,7 +248,7 @@ class Experiment:
             mask.save(mask_path)
         rewind(model, start_state, mask)
         if not (vdir / "weights_start.safetensors").exists():
-            save_state(vdir / "weights_start.safetensors", snapshot(model))
+            save_state(vdir / "weights_start.safetensors", snapshot(model), mask)
         begin, end, lr = phase
         try:
             metrics = train(
@@ -274,7 +274,9 @@ class Experiment:
             write_json(vdir / "result.json", row)
             write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
             raise
-        save_state(vdir / "weights_end.safetensors", snapshot(model))
+        # compact where the mask prunes most of a layer (a weight a callback grew back
+        # is kept: everything nonzero is)
+        save_state(vdir / "weights_end.safetensors", snapshot(model), mask)
         row = {
             "method": self.spec.method,
             "replicate": r,

@@ -22,6 +22,8 @@ SCHEDULES = ("constant", "step", "cosine")
 SCOPES = ("layerwise", "global")
 PROTOCOLS = ("rewind", "finetune", "lr-rewind")
 CONTROLS = ("reinit", "reshuffle", "signed-constant", "random-mask")
+# how masked Linear layers train: masked dense, CSR kernels, or picked per layer by timing
+KERNELS = ("dense", "sparse", "auto")
 
 # Fields that never change a run's meaning: where things are, how much to print,
 # and counts that only extend a run.
@@ -34,6 +36,10 @@ NOT_HASHED = frozenset(
         "runs_dir",
         "quiet",
         "eval_batch_size",
+        "kernels",  # the same training, only its speed (and float rounding) differs
+        # when checkpoints are written: a resume continues exactly from any of them
+        "checkpoint_every",
+        "checkpoint_seconds",
     }
 )
 # Knobs a dense baseline does not use.
@@ -50,7 +56,7 @@ PRUNING_FIELDS = frozenset(
         "retrain_steps",
     }
 )
-STEP_FIELDS = ("steps", "warmup", "eval_every", "rewind", "retrain_steps")
+STEP_FIELDS = ("steps", "warmup", "eval_every", "rewind", "retrain_steps", "checkpoint_every")
 
 _STEP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(it|ep)\s*$")
 
@@ -130,6 +136,13 @@ class Spec:
     warmup: str = "0it"
     eval_every: str = "1ep"
     eval_batch_size: int = 1000
+    # a checkpoint every this many steps or this many seconds, whichever comes first
+    # (seconds 0: steps only); Ctrl-C and SIGTERM always write one
+    checkpoint_every: str = "1000it"
+    checkpoint_seconds: float = 60.0
+    # dense, sparse (CSR kernels for every masked Linear layer) or auto (per layer, by a
+    # short timing, below 20% density); see ticketlab.masks.sparse
+    kernels: str = "auto"
     # seeds: each derived from `seed` (and the replicate) unless given
     seed: int = 0
     init_seed: int | None = None
@@ -203,6 +216,7 @@ def validate(spec: Spec) -> None:
     _choice("schedule", spec.schedule, SCHEDULES)
     _choice("scope", spec.scope, SCOPES)
     _choice("protocol", spec.protocol, PROTOCOLS)
+    _choice("kernels", spec.kernels, KERNELS)
     from .pruning.criteria import CRITERIA, criterion_names  # lazy: no import cycle
 
     allowed = criterion_names(spec.method)
@@ -253,6 +267,8 @@ def validate(spec: Spec) -> None:
         raise UsageError(f"weight decay must be >= 0; got {spec.weight_decay}")
     if spec.gamma <= 0:
         raise UsageError(f"gamma must be positive; got {spec.gamma}")
+    if not math.isfinite(spec.checkpoint_seconds) or spec.checkpoint_seconds < 0:
+        raise UsageError(f"checkpoint seconds must be >= 0; got {spec.checkpoint_seconds}")
     if spec.eval_batch_size <= 0:
         raise UsageError(f"eval batch size must be positive; got {spec.eval_batch_size}")
     if spec.val_size is not None and spec.val_size < 0:
@@ -308,6 +324,7 @@ class Resolved:
     rewind: int
     retrain_steps: int
     milestones: tuple[int, ...] = field(default_factory=tuple)
+    checkpoint_every: int = 1000
 
 
 def resolve(spec: Spec, steps_per_epoch: int) -> Resolved:
@@ -322,6 +339,9 @@ def resolve(spec: Spec, steps_per_epoch: int) -> Resolved:
     eval_every = parse_steps(spec.eval_every, spe, "eval-every")
     if eval_every <= 0:
         raise UsageError("eval-every must be positive")
+    checkpoint_every = parse_steps(spec.checkpoint_every, spe, "checkpoint-every")
+    if checkpoint_every <= 0:
+        raise UsageError("checkpoint-every must be positive")
     return Resolved(
         steps_per_epoch=spe,
         steps=steps,
@@ -330,6 +350,7 @@ def resolve(spec: Spec, steps_per_epoch: int) -> Resolved:
         rewind=rewind,
         retrain_steps=retrain,
         milestones=tuple(parse_steps(m, spe, "milestone") for m in spec.milestones),
+        checkpoint_every=checkpoint_every,
     )
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .data import BatchSampler, Dataset
 from .errors import DataError, Diverged, RunInterrupted, UsageError
 from .masks import Mask, MaskKeeper
-from .runs import atomic_path
+from .masks.sparse import SparseKernels, choose_kernels
+from .runs import atomic_path, pack_state, read_state_file
 from .spec import Resolved, Spec, resolve
 
 # Set by the signal handler; read once per step.
@@ -95,8 +96,11 @@ def lr_at(step: int, spec: Spec, res: Resolved) -> float:
     return lr
 
 
-def make_optimizer(model: nn.Module, spec: Spec) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: nn.Module, spec: Spec, params=None) -> torch.optim.Optimizer:
+    """The optimizer of ``spec`` over ``model``'s trainable parameters, or over ``params``
+    (a list of tensors: sparse kernels step kept values in place of weights)."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernels update every parameter in one pass: on LeNet-300-100 they make
     # Adam's step about a fifth faster than the default (benchmarks/masked_training.py).
     fused = bool(params) and all(
@@ -153,11 +157,13 @@ def _stateful(callbacks) -> list[tuple[int, object]]:
 
 
 def save_checkpoint(
-    path: Path, model, optimizer, step: int, extra: dict, callbacks: Iterable = ()
+    path: Path, model, optimizer, step: int, extra: dict, callbacks: Iterable = (), mask=None
 ) -> None:
     """Write model, optimizer, RNG and ``step``; and each stateful callback's
-    ``state_dict()``: its tensors as ``callback/<index>/<key>``, the rest in the JSON."""
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    ``state_dict()``: its tensors as ``callback/<index>/<key>``, the rest in the JSON.
+    With ``mask`` the model's mostly pruned weights are stored compactly, as
+    :func:`ticketlab.runs.save_state` stores them (the optimizer's state stays dense)."""
+    tensors, layout = pack_state(model.state_dict(), mask, prefix="model/")
     osd = optimizer.state_dict()
     scalars = {}
     for idx, st in osd["state"].items():
@@ -183,6 +189,8 @@ def save_checkpoint(
         "extra": extra,
         "callbacks": cb_meta,
     }
+    if layout:
+        meta["compact"] = layout
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"ticketlab": json.dumps(meta)})
 
@@ -194,11 +202,8 @@ def load_checkpoint(path: Path, model, optimizer, callbacks: Iterable = ()) -> t
     at that index) is an error: resuming without it would not continue the run.
     """
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        meta = json.loads(header["__metadata__"]["ticketlab"])
+        tensors, metadata = read_state_file(path)  # compact or not: both load
+        meta = json.loads(metadata["ticketlab"])
     except Exception as exc:
         raise DataError(f"checkpoint {path} is corrupt: {exc}") from None
     device = next(model.parameters()).device
@@ -246,6 +251,32 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
 # the loop ------------------------------------------------------------------
 
 
+def _sparse_kernels(model, mask, spec, optimizer, callbacks, batch, chosen):
+    """The phase's CSR kernels (None: all dense) and the weight names they took.
+
+    ``chosen`` (a resumed phase's, from its checkpoint) is kept, so the run continues
+    exactly; else :func:`~ticketlab.masks.sparse.choose_kernels` picks by ``spec.kernels``.
+    A callback that may touch the model without saying when (``dense_view(step)``), and
+    any ``before_step`` or ``on_epoch_end``, keeps the phase on dense kernels.
+    """
+
+    def factory(params):
+        return make_optimizer(model, spec, params)
+
+    if chosen is None:
+        opaque = any(
+            hasattr(c, "before_step")
+            or hasattr(c, "on_epoch_end")
+            or (hasattr(c, "after_step") and not hasattr(c, "dense_view"))
+            for c in callbacks
+        )
+        chosen = [] if opaque else choose_kernels(model, mask, spec.kernels, batch, factory)
+    if not chosen:
+        return None, []
+    phase = SparseKernels(model, mask, chosen, optimizer, factory, callbacks)
+    return phase, phase.names
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -263,12 +294,15 @@ def train(
     progress=None,
     label: str = "train",
     callbacks: Iterable = (),
+    checkpoint_steps: Iterable[int] = (),
 ) -> dict:
     """Train ``model`` in place on steps ``[start, end)`` of the schedule of ``spec``.
 
     With ``mask``, pruned weights are zeroed before training and after every
-    optimizer step, so they stay exactly zero. With ``workdir``, a checkpoint is
-    written at every evaluation and an existing one is resumed. Returns the final
+    optimizer step, so they stay exactly zero. With ``workdir``, metrics are appended
+    to ``metrics.jsonl`` at every evaluation, a checkpoint is written every
+    ``spec.checkpoint_every`` steps or ``spec.checkpoint_seconds`` seconds (whichever
+    comes first) and on SIGINT/SIGTERM, and an existing one is resumed. Returns the final
     metrics (test/val/train loss and accuracy, the early-stop step, and more).
 
     ``callbacks`` are objects with either or both of the methods
@@ -281,11 +315,23 @@ def train(
     tensors and JSON values) and ``load_state_dict(state)``: with ``workdir``, its
     state is saved in every checkpoint and restored on resume, so the run continues
     exactly. Callbacks are matched by their position in ``callbacks``.
+    ``checkpoint_steps`` are steps (counted as taken) to checkpoint at as well, e.g. a
+    method's mask updates, whose own state files must agree with the checkpoint.
 
     A training loss that becomes non-finite (inf or NaN) is noticed at the next
     evaluation, without a per-step sync: nothing is recorded or checkpointed from
     the broken weights, and :class:`~ticketlab.errors.Diverged` is raised with the
     step index of the first non-finite loss and the last finite evaluation.
+
+    ``spec.kernels`` (``dense``, ``sparse``, ``auto``) says whether masked Linear layers
+    train on CSR kernels (:mod:`ticketlab.masks.sparse`): the optimizer then steps their
+    kept values, and the dense weights and optimizer state are written back for every
+    evaluation, checkpoint and snapshot and at the end, so all of these are as on the
+    dense path. The choice is kept in the checkpoint (a resumed phase uses it again) and
+    returned as ``kernels`` (``dense`` or ``sparse:<weight names>``). A callback runs
+    beside CSR kernels only if it says at which steps it needs the dense model
+    (``dense_view(step) -> bool``, as the DST updater does); any other keeps the phase
+    dense.
     """
     callbacks = list(callbacks)
     res = resolve(spec, steps_per_epoch(data, spec.batch_size))
@@ -295,6 +341,7 @@ def train(
     data_seed = spec.seed if data_seed is None else data_seed
     aug_seed = spec.seed + 1 if aug_seed is None else aug_seed
     snapshot_steps = set(snapshot_steps)
+    checkpoint_steps = set(checkpoint_steps)
     device = next(model.parameters()).device
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     evals = [
@@ -310,13 +357,16 @@ def train(
     metrics_path = workdir / "metrics.jsonl" if workdir else None
     rows: list[dict] = []
     step, seconds = start, 0.0
+    sparse, sparse_layers = None, None  # CSR kernels of the phase, set below
 
     def record(at: int) -> None:
         row: dict = {"step": at}
-        for split, x, y in evals:
-            row[f"{split}_loss"], row[f"{split}_accuracy"] = evaluate(
-                model, x, y, spec.eval_batch_size
-            )
+        # evaluated as the dense path evaluates: dense weights, dense forward
+        with sparse.dense_view() if sparse is not None else contextlib.nullcontext():
+            for split, x, y in evals:
+                row[f"{split}_loss"], row[f"{split}_accuracy"] = evaluate(
+                    model, x, y, spec.eval_batch_size
+                )
         rows.append(row)
         if metrics_path is not None:
             with open(metrics_path, "a") as f:
@@ -325,6 +375,7 @@ def train(
     if ckpt is not None and ckpt.exists():
         step, extra = load_checkpoint(ckpt, model, optimizer, callbacks)
         seconds = extra.get("train_seconds", 0.0)
+        sparse_layers = extra.get("sparse_layers", [])  # a checkpoint from before: dense
         rows = _read_metrics(metrics_path, step)
         with atomic_path(metrics_path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -344,7 +395,12 @@ def train(
     before = [c.before_step for c in callbacks if hasattr(c, "before_step")]
     after = [c.after_step for c in callbacks if hasattr(c, "after_step")]
     epoch_end = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
+    sparse, sparse_layers = _sparse_kernels(
+        model, mask, spec, optimizer, callbacks, x_train[: spec.batch_size], sparse_layers
+    )
     t0 = time.perf_counter()
+    # the time of the next checkpoint by the clock (0: none by the clock)
+    next_checkpoint = t0 + spec.checkpoint_seconds if spec.checkpoint_seconds else 0.0
     model.train()
     # divergence, tracked on the device: `broken` once a loss was non-finite, `clean` counts
     # the steps before it; read only at evaluations
@@ -352,9 +408,11 @@ def train(
     broken = torch.zeros((), dtype=torch.bool, device=device)
     clean = torch.zeros((), dtype=torch.int64, device=device)
     while step < end:
+        # what steps: the sparse kernels' optimizer over kept values, or the dense one
+        opt = optimizer if sparse is None else sparse.optimizer
         lr = lr_override if lr_override is not None else lr_at(step, spec, res)
         if lr != current_lr:
-            for g in optimizer.param_groups:
+            for g in opt.param_groups:
                 g["lr"] = lr
             current_lr = lr
         idx = sampler.indices(step).to(device)
@@ -365,38 +423,72 @@ def train(
         loss = F.cross_entropy(model(x), y)
         broken |= ~torch.isfinite(loss.detach())
         clean += ~broken
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         for cb in before:
             cb(step, model, optimizer)
-        optimizer.step()
-        keeper()
-        for cb in after:
-            cb(step, model, optimizer, keeper, x, y)
+        opt.step()
+        if sparse is None:
+            keeper()
+        else:
+            sparse.keep()  # the masked layers left on dense kernels
+        if sparse is not None and sparse.needs_dense(step):
+            # e.g. a DST mask update: on the dense model, then the CSR layers are rebuilt
+            with sparse.dense_view(keeper):
+                for cb in after:
+                    cb(step, model, optimizer, keeper, x, y)
+        else:
+            for cb in after:
+                cb(step, model, optimizer, keeper, x, y)
         step += 1
         if epoch_end and step % res.steps_per_epoch == 0:
             for cb in epoch_end:
                 cb(step // res.steps_per_epoch, model)
         if step in snapshot_steps and on_snapshot:
+            if sparse is not None:
+                sparse.write_back()
             on_snapshot(step, model)
-        if step % res.eval_every == 0 or step == end or _stop_requested:
+        evaluating = step % res.eval_every == 0 or step == end
+        # checkpoints have their own interval (the end of a phase needs none: its caller
+        # writes the final weights); an interruption always writes one
+        checkpointing = (
+            ckpt is not None
+            and step < end
+            and (
+                step % res.checkpoint_every == 0
+                or step in checkpoint_steps
+                or 0 < next_checkpoint <= time.perf_counter()
+            )
+        )
+        if evaluating or checkpointing or _stop_requested:
             if bool(broken):
                 if task is not None:
                     progress.update(task, visible=False)
                 last = dict(rows[-1]) if rows else {}
+                if sparse is not None:
+                    sparse.close()
                 raise Diverged(label, loop_start + int(clean), workdir, last)
-            if step % res.eval_every == 0 or step == end:
+            if sparse is not None:  # checkpoints hold the dense weights and optimizer state
+                sparse.write_back()
+            if evaluating:
                 record(step)
-            if ckpt is not None:
+            if ckpt is not None and (checkpointing or _stop_requested):
                 elapsed = seconds + time.perf_counter() - t0
-                save_checkpoint(ckpt, model, optimizer, step, {"train_seconds": elapsed}, callbacks)
+                extra = {"train_seconds": elapsed, "sparse_layers": sparse_layers}
+                save_checkpoint(ckpt, model, optimizer, step, extra, callbacks, keeper.mask)
+                if next_checkpoint:
+                    next_checkpoint = time.perf_counter() + spec.checkpoint_seconds
             if task is not None:
                 progress.update(task, completed=step - start)
             if _stop_requested:
                 _clear_stop()
                 saved = "checkpoint saved" if ckpt is not None else "no checkpoint kept"
+                if sparse is not None:
+                    sparse.close()
                 raise RunInterrupted(f"interrupted at step {step}; {saved}")
     seconds += time.perf_counter() - t0
+    if sparse is not None:  # the dense weights hold the result, as on the dense path
+        sparse.close()
     if task is not None:
         progress.update(task, completed=end - start, visible=False)
 
@@ -415,4 +507,5 @@ def train(
         "train_accuracy": train_acc,
         "steps": end - start,
         "train_seconds": seconds,
+        "kernels": "sparse:" + ",".join(sparse_layers) if sparse_layers else "dense",
     }

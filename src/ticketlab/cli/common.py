@@ -72,7 +72,22 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--milestones", type=parse_list, help="step schedule milestones: '80ep,120ep'")
     g.add_argument("--gamma", type=float, help="step schedule factor")
     g.add_argument("--warmup", help="linear warmup length: '500it'")
-    g.add_argument("--eval-every", help="evaluation (and checkpoint) interval: '100it'")
+    g.add_argument("--eval-every", help="evaluation interval: '100it'")
+    g.add_argument(
+        "--checkpoint-every",
+        help="checkpoint interval in steps (default 1000it; also every --checkpoint-seconds)",
+    )
+    g.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        help="also checkpoint after this many seconds (default 60; 0: by steps only)",
+    )
+    g.add_argument(
+        "--kernels",
+        help="how masked Linear layers train: dense (masked dense), sparse (CSR kernels) or "
+        "auto (default: CSR where a short timing finds them faster, below 20%% density); "
+        "not part of the run's identity",
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--init-seed", type=int)
     g.add_argument("--data-seed", type=int)
@@ -191,7 +206,6 @@ def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = Non
 def run_experiment(spec, experiment_cls=None) -> int:
     """Run an experiment with a progress bar per phase and print its results table."""
     from ..methods.lottery import LotteryExperiment
-    from ..report.table import print_results
     from ..train import stop_on_signals
 
     exp = (experiment_cls or LotteryExperiment)(spec)  # validates, loads data: nothing written
@@ -222,6 +236,9 @@ def run_experiment(spec, experiment_cls=None) -> int:
         else:
             rows = exp.run()
     if not spec.quiet:
+        # imported here: the report package loads matplotlib, a second of start-up
+        from ..report.table import print_results
+
         print_results(rows, title=str(exp.dir))
     return 0
 

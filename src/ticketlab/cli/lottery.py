@@ -37,8 +37,13 @@ def add_parsers(sub) -> None:
     p.set_defaults(handler=lambda args: cmd_list(args.what, sub))
     p = sub.add_parser("show", help="table of a run's results")
     p.add_argument("run_dir")
+    p.add_argument(
+        "--disk",
+        action="store_true",
+        help="bytes of the run's tensor files per level, against storing them densely",
+    )
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(handler=lambda args: cmd_show(args.run_dir))
+    p.set_defaults(handler=lambda args: cmd_show(args.run_dir, disk=args.disk))
 
 
 def cmd_list(what: str, sub=None) -> int:
@@ -99,12 +104,59 @@ def _show(v) -> str:
     return str(v)
 
 
-def cmd_show(run_dir: str) -> int:
+def cmd_show(run_dir: str, disk: bool = False) -> int:
     from ..report.table import print_results
     from ..runs import read_csv
 
+    if disk:
+        return show_disk(run_dir)
     path = Path(run_dir) / "results.csv"
     if not path.exists():
         raise UsageError(f"no results in {run_dir} (no results.csv there)")
     print_results(read_csv(path), title=str(run_dir))
+    return 0
+
+
+def show_disk(run_dir: str) -> int:
+    """Bytes per level of a run's tensor files (masks, weights, checkpoints), summed over
+    replicates and variants, beside what they would take stored densely."""
+    from ..runs import disk_usage
+    from .common import print_table
+
+    if not Path(run_dir, "spec.json").exists():
+        raise UsageError(f"{run_dir} is not a run directory (no spec.json there)")
+    rows = disk_usage(run_dir)
+    if rows:
+        total = {"level": "total"}
+        for key in rows[0]:
+            if key != "level":
+                total[key] = sum(r[key] for r in rows)
+        rows.append(total)
+
+    def ratio(a: int, b: int) -> str:
+        return f"1/{b / a:.1f}" if a and a < b else "1" if a else "-"
+
+    def size(n: int) -> str:
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if n >= scale:
+                return f"{n / scale:.2f} {unit}"
+        return f"{n} B"
+
+    print_table(
+        f"{run_dir}: tensor files (dense: the same tensors stored densely)",
+        ["level", "files", "bytes", "dense", "ratio", "weights", "dense", "ratio"],
+        [
+            [
+                str(r["level"]),
+                str(r["files"]),
+                size(r["bytes"]),
+                size(r["dense_bytes"]),
+                ratio(r["bytes"], r["dense_bytes"]),
+                size(r["weight_bytes"]),
+                size(r["weight_dense_bytes"]),
+                ratio(r["weight_bytes"], r["weight_dense_bytes"]),
+            ]
+            for r in rows
+        ],
+    )
     return 0

@@ -14,8 +14,7 @@ import os
 from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import DataError, UsageError
@@ -148,19 +147,28 @@ class Mask:
 
     # storage ------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        from ..runs import atomic_path
+        """Bit-packed (or, where sparser, as CSR column indices), as
+        :func:`ticketlab.runs.pack_state` stores bool tensors; the layer order
+        (first ... output) is kept, as safetensors sorts keys."""
+        from ..runs import atomic_path, pack_state
 
-        # safetensors sorts keys; the layer order (first ... output) is kept in the metadata
-        tensors = {k: m.to(torch.uint8).contiguous() for k, m in self._m.items()}
+        tensors, layout = pack_state({k: m.contiguous() for k, m in self._m.items()}, self)
+        if layout:
+            metadata = {"ticketlab": json.dumps({"compact": layout}, sort_keys=True)}
+        else:  # only tiny layers: one byte per entry, as masks were written before
+            tensors = {k: m.to(torch.uint8) for k, m in tensors.items()}
+            metadata = {"order": json.dumps(self.names())}
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={"order": json.dumps(self.names())})
+            save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:
+        """A mask :meth:`save` wrote, bit-packed or (as before) one byte per entry."""
+        from ..runs import read_state_file
+
         try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                order = json.loads((f.metadata() or {}).get("order", "[]"))
+            tensors, metadata = read_state_file(path)
+            order = json.loads(metadata.get("order", "[]"))
         except Exception as exc:  # safetensors raises several types for bad files
             raise DataError(f"mask file {path} is corrupt or not safetensors: {exc}") from None
         names = order if sorted(order) == sorted(tensors) else list(tensors)

@@ -304,6 +304,15 @@ class DSTUpdater:
     def due(self, t: int) -> bool:
         return t % self.delta_t == 0 and t < self.t_end
 
+    def dense_view(self, step: int) -> bool:
+        """Whether :meth:`after_step` at ``step`` needs the dense model (a mask update).
+
+        Between updates the training loop may run the sparse layers on CSR kernels
+        (``--kernels``); at an update it writes the kept values and optimizer state back
+        into the dense model and optimizer, runs the update on them, and rebuilds the CSR
+        layers from the new mask."""
+        return self.due(step + 1)
+
     def after_step(self, step: int, model, optimizer, keeper, x, y) -> None:
         t = step + 1
         if not self.due(t):
@@ -445,7 +454,7 @@ class DSTExperiment(Experiment):
         vdir.mkdir(parents=True, exist_ok=True)
         mask.save(vdir / "mask.safetensors")
         rewind(model, snapshot(model), mask)
-        save_state(vdir / "weights_start.safetensors", snapshot(model))
+        save_state(vdir / "weights_start.safetensors", snapshot(model), mask)
         callbacks, updater = [], None
         t_end = int(round(spec.t_end * res.steps))
         ckpt = vdir / "checkpoint.safetensors"
@@ -483,10 +492,12 @@ class DSTExperiment(Experiment):
             progress=progress,
             label=f"rep {r} {spec.algorithm} ({100 * mask.density():.1f}%)",
             callbacks=callbacks,
+            # a checkpoint after each mask update, so the saved DST state matches one
+            checkpoint_steps=range(spec.delta_t, t_end, spec.delta_t) if updater else (),
         )
         final = updater.mask if updater is not None else mask
         final.save(vdir / "mask_end.safetensors")
-        save_state(vdir / "weights_end.safetensors", snapshot(model))
+        save_state(vdir / "weights_end.safetensors", snapshot(model), final)
         f_s = forward_flops(self.macs, final.layer_density())
         f_d = forward_flops(self.macs)
         per_example = train_flops_per_example(

@@ -339,6 +339,7 @@ class GradualExperiment(Experiment):
             progress=progress,
             label=f"rep {r} gradual {spec.criterion} -> {100 * spec.density:.1f}%",
             callbacks=[cb],
+            checkpoint_steps=self.points,  # the schedule's state is saved at these
         )
         final = cb.mask if cb.mask is not None else Mask.dense(model)
         if isinstance(cb, MovementPruner):
@@ -346,7 +347,7 @@ class GradualExperiment(Experiment):
             save_state(vdir / "weights_dense.safetensors", snapshot(model))
             final.apply_(model)
         final.save(vdir / "mask_end.safetensors")
-        save_state(vdir / "weights_end.safetensors", snapshot(model))
+        save_state(vdir / "weights_end.safetensors", snapshot(model), final)
         row = {
             "method": spec.method,
             "replicate": r,

@@ -270,7 +270,7 @@ class Stability:
                             progress=progress,
                             label=f"rep {r} level {level} k={k} copy {c}",
                         )
-                        save_state(cdir / "weights_end.safetensors", snapshot(model))
+                        save_state(cdir / "weights_end.safetensors", snapshot(model), mask)
                         m["density_all"] = model_density(model)
                         write_json(cdir / "result.json", m)
                         (cdir / "checkpoint.safetensors").unlink(missing_ok=True)
