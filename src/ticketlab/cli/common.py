@@ -78,6 +78,12 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", type=int)
     g.add_argument("--aug-seed", type=int)
     g.add_argument("--replicates", type=int, help="independent runs with distinct seeds")
+    g.add_argument(
+        "--jobs",
+        type=int,
+        help="worker processes for the replicates, each with cores/jobs threads (default 1); "
+        "the results are those of --jobs 1 with the same thread count",
+    )
     g.add_argument("--runs-dir", help="where run directories go (default: runs)")
     g.add_argument(
         "--set",
