@@ -169,6 +169,22 @@ def run_method(
     return run_experiment(spec, getattr(mod, experiment_cls))
 
 
+def experiment_for(parser: argparse.ArgumentParser, argv: list[str]):
+    """The experiment that a subcommand's ``parser`` would run for ``argv`` (its flags),
+    checked and bound to its run directory (data loaded, nothing written): what
+    ``ticketlab sweep`` checks every point with."""
+    args = parser.parse_args(argv)
+    handler = args.handler
+    if not isinstance(handler, functools.partial) or handler.func is not run_method:
+        raise UsageError(f"'{argv[0]}' does not run an experiment")
+    method, module, spec_cls, experiment_cls = handler.args
+    mod = importlib.import_module(module)
+    if handler.keywords.get("prepare") is not None:
+        handler.keywords["prepare"](args)
+    spec = spec_from_args(args, method, getattr(mod, spec_cls))
+    return getattr(mod, experiment_cls)(spec)
+
+
 def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = None):
     """Preset, then ``--set`` values, then explicit flags, into a spec of class ``cls``."""
     from ..presets import preset
