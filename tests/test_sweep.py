@@ -107,3 +107,20 @@ def test_ray_sweep_gives_the_same_runs(tmp_path, capsys):
     assert rc == 0, err + out
     runs = sorted(p.name for p in (tmp_path / "runs").glob("prune-*"))
     assert len(runs) == 2 and _single(capsys, tmp_path, "snip", 0.5) in runs
+
+
+def test_report_of_a_sweep_reads_like_a_papers_table(tmp_path, capsys):
+    extra = GRID.replace('["magnitude", "snip"]', '["magnitude", "snip"]\nseed = [0, 1]')
+    f = _file(tmp_path, extra)
+    assert run_cli(capsys, "sweep", f, "--jobs", "2")[0] == 0
+    rc, _, err = run_cli(capsys, "report", f, "--out", tmp_path / "rep")
+    assert rc == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert (tmp_path / "rep" / "sweep.png").exists()
+    assert "criterion=snip, seed=1, sparsity=0.8" in page  # runs named by what differs
+    assert "test accuracy % by sparsity" in page and "(n=2)" in page  # mean over two seeds
+    assert "Early stop" not in page and "early-stop" not in page.lower()
+    missing = tmp_path / "other.toml"
+    missing.write_text(f.read_text().replace("0.8", "0.7"))
+    rc, _, err = run_cli(capsys, "report", missing, "--out", tmp_path / "rep2")
+    assert rc == 2 and "no results yet" in err

@@ -169,6 +169,22 @@ def _ray(argvs: dict, resources: dict, address: str | None) -> dict:
     return out
 
 
+def sweep_runs(path: str) -> tuple[list[Path], list[dict]]:
+    """The run directories of a sweep file's points, and the points: for ``report``."""
+    sweep = load_sweep(path)
+    dirs = []
+    for point in sweep["points"]:
+        argv = point_argv(sweep, point)
+        d = experiment_for(_PARSERS[argv[0]], argv[1:]).dir
+        if not (d / "results.csv").exists():
+            raise UsageError(
+                f"point {point_label(point)} has no results yet ({d}): run "
+                f"'ticketlab sweep {path}' first"
+            )
+        dirs.append(d)
+    return dirs, sweep["points"]
+
+
 # the command -----------------------------------------------------------------------------
 
 
@@ -247,4 +263,12 @@ def cmd_sweep(args) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["EXECUTORS", "add_parsers", "load_sweep", "point_argv", "point_label", "run_point"]
+__all__ = [
+    "EXECUTORS",
+    "add_parsers",
+    "load_sweep",
+    "point_argv",
+    "point_label",
+    "run_point",
+    "sweep_runs",
+]
