@@ -106,3 +106,19 @@ def test_sigint_checkpoints_every_worker_exits_130_and_resumes(tmp_path):
     assert len(ckpts) == 2  # one per worker, both interrupted mid-phase
     assert subprocess.run(cmd, env=env, timeout=600, capture_output=True).returncode == 0
     assert {r["replicate"] for r in read_csv(run / "results.csv")} == {"0", "1"}
+
+
+def test_controls_of_one_replicate_train_in_workers_with_the_same_files(tmp_path, capsys):
+    common = [*ARGS, "--controls", "reinit,reshuffle,random-mask", "--levels", "2"]
+    for jobs in ("1", "3"):
+        rc, _, err = run_cli(capsys, *common, "--jobs", jobs, "--runs-dir", tmp_path / jobs)
+        assert rc == 0, err
+    (one,) = (tmp_path / "1").iterdir()
+    (three,) = (tmp_path / "3").iterdir()
+    a, b = _files(one), _files(three)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    assert _rows(one) == _rows(three)
+    assert {r["variant"] for r in _rows(three)} == {"ticket", "reinit", "reshuffle", "random-mask"}

@@ -115,57 +115,96 @@ def _drain(queue, progress, stop: threading.Event) -> None:
             progress.update(tasks[msg[1]], **msg[2])
 
 
-def run_parallel(items: list, fn: Callable, jobs: int, progress=None, name: Callable = str) -> dict:
-    """Run ``fn(item, progress)`` for every item in ``jobs`` forked worker processes.
+class WorkerPool:
+    """``jobs`` forked worker processes running ``fn(item, progress)`` for submitted items.
 
-    Returns ``({item: fn's return value}, {item: exception})``, the second for the
-    items that failed (a killed worker's item fails with :class:`BrokenProcessPool`).
-    A stop request (Ctrl-C, SIGTERM) is forwarded once to every worker, which
-    checkpoints; then :class:`RunInterrupted` is raised here.
+    The workers fork at the first :meth:`submit` and inherit the parent's memory as it
+    is then (datasets, models, the experiment). :meth:`collect` waits for everything
+    submitted and returns ``({item: fn's return value}, {item: exception})``, the
+    second for the items that failed (a killed worker's item fails with
+    :class:`BrokenProcessPool`). A stop request (Ctrl-C, SIGTERM) in the parent is
+    forwarded once to every worker, which checkpoints; then :class:`RunInterrupted`
+    is raised.
     """
-    global _JOB
-    if "fork" not in mp.get_all_start_methods():
-        raise UsageError("--jobs needs worker processes started by fork (Linux)")
-    from .train import stop_requested
 
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    stop = threading.Event()
-    drawer = threading.Thread(target=_drain, args=(queue, progress, stop), daemon=True)
-    _JOB = (fn, threads_per_worker(jobs), progress is not None)
-    results: dict = {}
-    failed: dict = {}
-    interrupted = False
-    try:
-        with ProcessPoolExecutor(
-            max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)
-        ) as pool:
-            futures = {pool.submit(_worker, item): item for item in items}
-            drawer.start()  # after the fork: the workers start single-threaded
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                for f in done:
-                    exc = f.exception()
-                    if isinstance(exc, RunInterrupted):
-                        interrupted = True
-                    elif exc is not None:
-                        failed[futures[f]] = exc
-                    else:
-                        results[futures[f]] = f.result()
-                if stop_requested() and not interrupted:
+    def __init__(self, fn: Callable, jobs: int, progress=None, threads: int | None = None):
+        if "fork" not in mp.get_all_start_methods():
+            raise UsageError("--jobs needs worker processes started by fork (Linux)")
+        self.fn, self.jobs, self.progress = fn, jobs, progress
+        self.threads = threads or threads_per_worker(jobs)
+        self.ctx = mp.get_context("fork")
+        self.queue = self.ctx.Queue()
+        self.stop = threading.Event()
+        self.drawer = threading.Thread(
+            target=_drain, args=(self.queue, progress, self.stop), daemon=True
+        )
+        self.pool: ProcessPoolExecutor | None = None
+        self.futures: dict = {}
+
+    def submit(self, item) -> None:
+        global _JOB
+        if self.pool is None:
+            _JOB = (self.fn, self.threads, self.progress is not None)
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.jobs,
+                mp_context=self.ctx,
+                initializer=_init_worker,
+                initargs=(self.queue,),
+            )
+        self.futures[self.pool.submit(_worker, item)] = item
+        if not self.drawer.is_alive():
+            self.drawer.start()  # after the fork: the workers start single-threaded
+
+    def collect(self) -> tuple[dict, dict]:
+        from .train import stop_requested
+
+        results: dict = {}
+        failed: dict = {}
+        interrupted = False
+        pending = set(self.futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for f in done:
+                exc = f.exception()
+                if isinstance(exc, RunInterrupted):
                     interrupted = True
-                    for p in list(getattr(pool, "_processes", {}).values()):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p.pid, signal.SIGTERM)
-    finally:
+                elif exc is not None:
+                    failed[self.futures[f]] = exc
+                else:
+                    results[self.futures[f]] = f.result()
+            if stop_requested() and not interrupted:
+                interrupted = True
+                for p in list(getattr(self.pool, "_processes", {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGTERM)
+        self.futures = {}
+        if interrupted:
+            raise RunInterrupted("interrupted; every worker wrote a checkpoint")
+        return results, failed
+
+    def close(self) -> None:
+        global _JOB
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         _JOB = None
-        stop.set()
-        if drawer.is_alive():
-            drawer.join(timeout=10)
-    if interrupted:
-        raise RunInterrupted("interrupted; every worker wrote a checkpoint")
-    return results, failed
+        self.stop.set()
+        if self.drawer.is_alive():
+            self.drawer.join(timeout=10)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_parallel(items: list, fn: Callable, jobs: int, progress=None) -> tuple[dict, dict]:
+    """Run ``fn(item, progress)`` for every item in ``jobs`` worker processes
+    (:class:`WorkerPool`); ``({item: result}, {item: exception})``."""
+    with WorkerPool(fn, jobs, progress) as pool:
+        for item in items:
+            pool.submit(item)
+        return pool.collect()
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -176,6 +215,7 @@ def describe_failure(exc: BaseException) -> str:
 
 __all__ = [
     "ProgressProxy",
+    "WorkerPool",
     "describe_failure",
     "in_worker",
     "report_results",
