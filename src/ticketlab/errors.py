@@ -32,3 +32,11 @@ class Diverged(Exception):
         self.metrics = dict(metrics or {})
         text = f"{label} diverged: the training loss became non-finite at step {step}"
         super().__init__(f"{text} ({note})" if note else text)
+
+    def __reduce__(self):  # crosses from a worker process to the parent
+        return (type(self), (self.label, self.step, self.workdir, self.metrics, self.note))
+
+
+class WorkFailed(Exception):
+    """Some of the independent work (replicates in worker processes) failed (exit code 1);
+    what finished is stored, and the same command resumes the rest."""

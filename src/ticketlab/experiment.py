@@ -11,6 +11,7 @@ them on a user's own module.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from .data import Dataset
 from .data import load as load_data
-from .errors import Diverged
+from .errors import Diverged, WorkFailed
+from .executors import describe_failure, report_results, run_parallel
 from .masks import Mask, model_density
 from .metrics import forward_flops, layer_macs, sparsity_metrics, train_flops_per_step
 from .models import build, initialize
@@ -155,12 +157,24 @@ class Experiment:
             write_spec(self.dir, self.identity, self.hash, resolved_dict(spec, self.spe), self.spe)
             levels = 0 if spec.method == "train" else spec.levels
             diverged: list[Diverged] = []
-            for r in range(spec.replicates):
-                try:
-                    self._replicate(r, levels, progress)
-                except Diverged as exc:  # this replicate stops; the others still run
-                    self._record_divergence(exc, r)
-                    diverged.append(exc)
+            jobs = min(spec.jobs, spec.replicates)
+            if jobs > 1:  # replicates in worker processes; this process writes results.csv
+                work = functools.partial(self._replicate_or_diverge, levels=levels)
+                results, failed = run_parallel(list(range(spec.replicates)), work, jobs, progress)
+                diverged = [d for _, d in sorted(results.items()) if d is not None]
+                if failed:
+                    what = "; ".join(
+                        f"replicate {r}: {describe_failure(e)}" for r, e in sorted(failed.items())
+                    )
+                    raise WorkFailed(
+                        f"{what}; the other replicates' results are stored: run the same "
+                        "command to resume what is missing"
+                    )
+            else:
+                for r in range(spec.replicates):
+                    d = self._replicate_or_diverge(r, progress, levels=levels)
+                    if d is not None:
+                        diverged.append(d)
         rows = collect_results(self.dir)
         if diverged:
             first = diverged[0]
@@ -176,6 +190,22 @@ class Experiment:
             )
         return rows
 
+    def _replicate_or_diverge(self, r: int, progress=None, *, levels: int):
+        """Run replicate ``r``; a divergence is recorded and returned, not raised (it
+        stops this replicate only)."""
+        try:
+            self._replicate(r, levels, progress)
+        except Diverged as exc:
+            self._record_divergence(exc, r)
+            return exc
+        return None
+
+    def write_results(self, rows: list[dict], columns: list[str]) -> None:
+        """Write ``results.csv``; in a worker process, hand it to the parent, the one writer."""
+        path = self.dir / "results.csv"
+        if not report_results(path, rows, columns):
+            write_csv(path, rows, columns)
+
     def _record_divergence(self, exc: Diverged, r: int) -> None:
         """Make sure the diverged phase has its row (methods that call ``train`` themselves
         leave it to here), so ``show``, ``report`` and a resume see it."""
@@ -187,7 +217,7 @@ class Experiment:
             row = diverged_row(exc, self.spec.method, r, int(level) if level.isdigit() else 0)
             row["variant"] = vdir.name
             write_json(vdir / "result.json", row)
-        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS)
 
     def _phase(self, level: int) -> tuple[int, int, float | None]:
         """Steps [start, end) and a fixed LR, for a ticket at ``level``."""
@@ -272,7 +302,7 @@ class Experiment:
             row = diverged_row(exc, self.spec.method, r, level)
             row.update(variant=variant, density=mask.density())
             write_json(vdir / "result.json", row)
-            write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+            self.write_results(collect_results(self.dir), RESULT_COLUMNS)
             raise
         # compact where the mask prunes most of a layer (a weight a callback grew back
         # is kept: everything nonzero is)
@@ -294,7 +324,7 @@ class Experiment:
         row.update(extra or {})
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
-        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS)
 
 
 def not_retried(where: Path) -> str:

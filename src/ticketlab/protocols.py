@@ -35,10 +35,15 @@ def rewind(model: nn.Module, state: State, mask: Mask | None = None) -> nn.Modul
 
 
 def random_reinit(model: nn.Module, init: str, seed: int) -> State:
-    """Fresh weights from the same initialisation scheme and a new seed."""
+    """Fresh weights from the same initialisation scheme and a new seed; BatchNorm
+    running statistics start afresh too, so the result depends on nothing but the
+    seed (not on what the model held before)."""
     gen = torch.Generator().manual_seed(seed)
     saved = snapshot(model)
     initialize(model, init, gen)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            m.reset_running_stats()
     fresh = snapshot(model)
     model.load_state_dict(saved)
     return fresh

@@ -40,6 +40,7 @@ NOT_HASHED = frozenset(
         # when checkpoints are written: a resume continues exactly from any of them
         "checkpoint_every",
         "checkpoint_seconds",
+        "jobs",
     }
 )
 # Knobs a dense baseline does not use.
@@ -162,6 +163,7 @@ class Spec:
     # extent (not hashed: asking for more extends the run)
     levels: int = 3
     replicates: int = 1
+    jobs: int = 1  # worker processes for independent replicates (not hashed)
     controls: tuple[str, ...] = ()
     runs_dir: str = "runs"
     quiet: bool = False
@@ -277,6 +279,8 @@ def validate(spec: Spec) -> None:
         raise UsageError(f"levels must be >= 0; got {spec.levels}")
     if spec.replicates < 1:
         raise UsageError(f"replicates must be >= 1; got {spec.replicates}")
+    if isinstance(spec.jobs, bool) or not isinstance(spec.jobs, int) or spec.jobs < 1:
+        raise UsageError(f"jobs must be an integer >= 1; got {spec.jobs}")
     if spec.nesterov and spec.optimizer != "sgd":
         raise UsageError("nesterov needs --optimizer sgd")
 

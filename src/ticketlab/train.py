@@ -64,6 +64,11 @@ def stop_on_signals():
         _stop_requested = False
 
 
+def stop_requested() -> bool:
+    """Whether a stop (SIGINT/SIGTERM, :func:`request_stop`) is pending."""
+    return _stop_requested
+
+
 def request_stop() -> None:
     """Ask the running loop to checkpoint and raise :class:`RunInterrupted` after this step."""
     global _stop_requested

@@ -13,8 +13,10 @@ from .common import common_flags, lottery_flags, parse_ints, parse_list, print_t
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("report", help="figures and a self-contained report.html for runs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = sub.add_parser(
+        "report", help="figures and a self-contained report.html for runs or a sweep file"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or SWEEP.toml")
     p.add_argument("--out", required=True, help="directory for the PNGs and report.html")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_report)
@@ -63,7 +65,13 @@ def add_parsers(sub) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report import build_report
 
-    page = build_report(args.run_dirs, args.out)
+    points = None
+    dirs = args.run_dirs
+    if len(dirs) == 1 and str(dirs[0]).endswith(".toml"):  # a sweep: its points' runs
+        from .sweep import sweep_runs
+
+        dirs, points = sweep_runs(dirs[0])
+    page = build_report(dirs, args.out, points=points)
     if not args.quiet:
         print(f"report: {page}")
     return 0

@@ -93,6 +93,12 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", type=int)
     g.add_argument("--aug-seed", type=int)
     g.add_argument("--replicates", type=int, help="independent runs with distinct seeds")
+    g.add_argument(
+        "--jobs",
+        type=int,
+        help="worker processes for the replicates, each with cores/jobs threads (default 1); "
+        "the results are those of --jobs 1 with the same thread count",
+    )
     g.add_argument("--runs-dir", help="where run directories go (default: runs)")
     g.add_argument(
         "--set",
@@ -176,6 +182,22 @@ def run_method(
         prepare(args)
     spec = spec_from_args(args, method, getattr(mod, spec_cls))
     return run_experiment(spec, getattr(mod, experiment_cls))
+
+
+def experiment_for(parser: argparse.ArgumentParser, argv: list[str]):
+    """The experiment that a subcommand's ``parser`` would run for ``argv`` (its flags),
+    checked and bound to its run directory (data loaded, nothing written): what
+    ``ticketlab sweep`` checks every point with."""
+    args = parser.parse_args(argv)
+    handler = args.handler
+    if not isinstance(handler, functools.partial) or handler.func is not run_method:
+        raise UsageError(f"'{argv[0]}' does not run an experiment")
+    method, module, spec_cls, experiment_cls = handler.args
+    mod = importlib.import_module(module)
+    if handler.keywords.get("prepare") is not None:
+        handler.keywords["prepare"](args)
+    spec = spec_from_args(args, method, getattr(mod, spec_cls))
+    return getattr(mod, experiment_cls)(spec)
 
 
 def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = None):

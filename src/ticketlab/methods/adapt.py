@@ -47,7 +47,7 @@ from ..experiment import Experiment, collect_results
 from ..masks import PRUNABLE_TYPES, Mask, model_density, output_weight_name, prunable_weights
 from ..masks.forward import attach, score_init
 from ..protocols import snapshot
-from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_json
 from ..spec import Spec, derive_seed
 from ..train import train
 from .bn_only import bn_layers, freeze_except
@@ -219,9 +219,7 @@ class AdaptExperiment(Experiment):
                 row = self._variant(r, t, task, variant, source, vdir, progress)
                 write_json(vdir / "result.json", row)
                 (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
-                write_csv(
-                    self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS + COLUMNS
-                )
+                self.write_results(collect_results(self.dir), RESULT_COLUMNS + COLUMNS)
 
     def _variant(self, r: int, t: int, task: Dataset, variant: str, source, vdir: Path, progress):
         spec = self.spec

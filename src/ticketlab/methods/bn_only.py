@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density, output_weight_name
 from ..protocols import snapshot
-from ..runs import RESULT_COLUMNS, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, save_state, write_json
 from ..spec import Spec
 from ..train import train
 
@@ -176,7 +176,7 @@ class BnOnlyExperiment(Experiment):
             vdir.mkdir(parents=True, exist_ok=True)
             write_json(vdir / "result.json", self._variant_bn(r, variant, vdir, progress))
             (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
-            write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS + COLUMNS)
+            self.write_results(collect_results(self.dir), RESULT_COLUMNS + COLUMNS)
 
     def _variant_bn(self, r: int, variant: str, vdir: Path, progress) -> dict:
         spec = self.spec

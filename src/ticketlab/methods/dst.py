@@ -45,7 +45,7 @@ from ..pruning.allocation import (
     layer_densities,
     random_sparse_mask,
 )
-from ..runs import RESULT_COLUMNS, atomic_path, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, atomic_path, save_state, write_json
 from ..spec import Spec, normalize_target
 from ..train import train
 
@@ -525,7 +525,7 @@ class DSTExperiment(Experiment):
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
         (vdir / DST_STATE).unlink(missing_ok=True)
-        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS)
 
 
 __all__ = [

@@ -68,7 +68,7 @@ from ..masks import Mask, model_density
 from ..metrics import forward_flops, layer_macs, multiply_adds, parameter_count
 from ..protocols import rewind, snapshot
 from ..pruning.structured import BNL1Penalty, bn_layers, groups, remove_units
-from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, load_state, read_json, save_state, write_json
 from ..spec import Spec
 from ..train import evaluate, train
 
@@ -431,7 +431,7 @@ class EarlyBirdExperiment(Experiment):
             )  # fmt: skip
         write_json(sdir / "result.json", row)
         (sdir / "checkpoint.safetensors").unlink(missing_ok=True)
-        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS)
 
     def _ticket(self, r: int, sdir, tdir, progress) -> None:
         """Retrain the drawn ticket from what the search saved (so a half-done ticket
@@ -503,7 +503,7 @@ class EarlyBirdExperiment(Experiment):
         )  # fmt: skip
         write_json(tdir / "result.json", row)
         (tdir / "checkpoint.safetensors").unlink(missing_ok=True)
-        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS)
 
     def _untrained(self, model, step: int) -> dict:
         """The metrics :func:`~ticketlab.train.train` returns, for a model not trained."""

@@ -42,7 +42,7 @@ from ..protocols import rewind, snapshot
 from ..pruning.allocation import canonical_allocation, select
 from ..pruning.criteria import CRITERIA, Context
 from ..pruning.schedules import cubic_sparsity, pruning_steps
-from ..runs import RESULT_COLUMNS, atomic_path, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, atomic_path, save_state, write_json
 from ..spec import Spec, check_step_string, normalize_target, parse_steps
 from ..train import train
 
@@ -360,7 +360,7 @@ class GradualExperiment(Experiment):
         }
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
-        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS)
 
 
 __all__ = ["GradualExperiment", "GradualPruner", "GradualSpec", "MovementPruner"]

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from ..data import Dataset
-from ..experiment import Experiment, run_on_module
+from ..errors import Diverged, WorkFailed
+from ..executors import WorkerPool, describe_failure, in_worker, threads_per_worker
+from ..experiment import Experiment, collect_results, run_on_module
 from ..masks import Mask
 from ..protocols import random_mask, random_reinit, reshuffle, rewind, signed_constant, snapshot
 from ..pruning import prune
-from ..runs import load_state, save_state
+from ..runs import RESULT_COLUMNS, load_state, save_state
 from ..spec import Spec
 
 
@@ -65,7 +67,83 @@ class LotteryExperiment(Experiment):
         )
         if levels == 0:
             return
-        rewind_state = load_state(rewind_path)
+        side = self._control_pool(progress)
+        try:
+            self._levels(r, levels, model, init_state, side, progress)
+            if side is not None:
+                results, failed = side.collect()
+        finally:
+            if side is not None:
+                side.close()
+                torch.set_num_threads(self._threads)
+        if side is not None:  # the workers' rows and ours, written once by this process
+            self.write_results(collect_results(self.dir), RESULT_COLUMNS)
+            if failed:
+                what = "; ".join(
+                    f"replicate {r} level {lv} {c}: {describe_failure(e)}"
+                    for (_, lv, c, _), e in sorted(failed.items(), key=lambda t: t[0][:3])
+                )
+                raise WorkFailed(
+                    f"{what}; the other results are stored: run the same command to resume"
+                )
+            diverged = [d for _, d in sorted(results.items(), key=lambda t: t[0][:3]) if d]
+            if diverged:
+                raise diverged[0]
+
+    def _control_pool(self, progress) -> WorkerPool | None:
+        """With ``--jobs N`` and one replicate, the controls of each level train in N - 1
+        worker processes once the level's mask exists, while this process goes on with
+        the tickets; each process gets cores/N threads."""
+        spec = self.spec
+        if spec.jobs < 2 or not spec.controls or spec.replicates > 1 or in_worker():
+            return None
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(threads_per_worker(spec.jobs))
+        return WorkerPool(self._control, spec.jobs - 1, progress, threads_per_worker(spec.jobs))
+
+    def _control(self, item, progress=None, model: nn.Module | None = None):
+        """Train one control of one level from what is on disk (so a worker can): the
+        level's mask and the rewind point. A divergence is recorded and returned."""
+        r, level, control, imp_flops = item
+        spec, res = self.spec, self.res
+        rdir = self.dir / f"replicate-{r}"
+        model = model if model is not None else self.model_fn(self.seed(r, "init"))
+        rewind_state = load_state(rdir / "rewind.safetensors")
+        mask = Mask.load(rdir / f"level-{level}" / "mask.safetensors")
+        cseed = self.seed(r, f"{control}/{level}")
+        cmask, cstart = mask, rewind_state
+        if control == "reinit":
+            cstart = random_reinit(model, spec.init, cseed)
+        elif control == "reshuffle":
+            cstart = reshuffle(rewind_state, mask, cseed)
+        elif control == "signed-constant":
+            cstart = signed_constant(rewind_state, mask, spec.init)
+        elif control == "random-mask":
+            cmask = random_mask(mask, cseed)
+        try:
+            self._variant(
+                model,
+                rdir / f"level-{level}" / control,
+                r,
+                level,
+                control,
+                cstart,
+                cmask,
+                (res.rewind, res.steps, None),
+                progress=progress,
+                prior_flops=imp_flops,
+            )
+        except Diverged as exc:
+            if in_worker():  # the parent raises it once the level's work is collected
+                self._record_divergence(exc, r)
+                return exc
+            raise
+        return None
+
+    def _levels(self, r: int, levels: int, model, init_state, side, progress) -> None:
+        spec, res = self.spec, self.res
+        rdir = self.dir / f"replicate-{r}"
+        rewind_state = load_state(rdir / "rewind.safetensors")
         # the IMP levels before the current one: what it took to find its mask
         imp_flops = self.training_flops(Mask.dense(model), res.steps)
         for level in range(1, levels + 1):
@@ -102,30 +180,12 @@ class LotteryExperiment(Experiment):
                 progress=progress,
                 prior_flops=imp_flops,
             )
-            rewind_phase = (res.rewind, res.steps, None)
             for control in spec.controls:
-                cseed = self.seed(r, f"{control}/{level}")
-                cmask, cstart = mask, rewind_state
-                if control == "reinit":
-                    cstart = random_reinit(model, spec.init, cseed)
-                elif control == "reshuffle":
-                    cstart = reshuffle(rewind_state, mask, cseed)
-                elif control == "signed-constant":
-                    cstart = signed_constant(rewind_state, mask, spec.init)
-                elif control == "random-mask":
-                    cmask = random_mask(mask, cseed)
-                self._variant(
-                    model,
-                    ldir / control,
-                    r,
-                    level,
-                    control,
-                    cstart,
-                    cmask,
-                    rewind_phase,
-                    progress=progress,
-                    prior_flops=imp_flops,
-                )
+                item = (r, level, control, imp_flops)
+                if side is not None:  # in a worker, while this process goes on
+                    side.submit(item)
+                else:
+                    self._control(item, progress, model)
             begin, end, _ = self._phase(level)
             imp_flops += self.training_flops(mask, end - begin)
 

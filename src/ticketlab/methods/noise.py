@@ -52,7 +52,7 @@ from ..models.kwinners import (
 )
 from ..protocols import rewind, snapshot
 from ..pruning.allocation import DISTRIBUTIONS, fixed_fan_in_mask, random_sparse_mask
-from ..runs import RESULT_COLUMNS, read_json, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, read_json, save_state, write_json
 from ..spec import Spec
 from ..train import train
 
@@ -252,7 +252,7 @@ class NoiseExperiment(Experiment):
             }
             write_json(vdir / "result.json", row)
             (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
-            write_csv(self.dir / "results.csv", expand(collect_results(self.dir)), COLUMNS)
+            self.write_results(expand(collect_results(self.dir)), COLUMNS)
 
 
 COLUMNS = [*RESULT_COLUMNS[:4], "noise", "noise_kind", *RESULT_COLUMNS[4:]]

@@ -44,7 +44,7 @@ from ..masks import Mask, model_density, prunable_weights
 from ..masks.forward import EVAL_MASKS, MaskedWeights, attach, score_init
 from ..models import layer_init_std
 from ..protocols import snapshot
-from ..runs import RESULT_COLUMNS, load_state, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, load_state, save_state, write_json
 from ..spec import Spec
 from ..train import evaluate, train
 
@@ -238,7 +238,7 @@ class SupermaskExperiment(Experiment):
             row = self._train_scores(r, vdir, progress)
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
-        write_csv(self.dir / "results.csv", collect_results(self.dir), RESULT_COLUMNS + COLUMNS)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS + COLUMNS)
 
     def _row(self, r: int, model: nn.Module, mask: Mask, learned: float, metrics: dict) -> dict:
         spec = self.spec

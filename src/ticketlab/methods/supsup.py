@@ -60,7 +60,7 @@ from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density, prunable_weights
 from ..masks.forward import MaskedWeights, attach, score_init
 from ..models import build
-from ..runs import RESULT_COLUMNS, read_json, save_state, write_csv, write_json
+from ..runs import RESULT_COLUMNS, read_json, save_state, write_json
 from ..spec import derive_seed
 from ..train import evaluate, train
 from .supermask import SupermaskSpec, prepare_weights
@@ -261,7 +261,7 @@ class SupsupExperiment(Experiment):
             if (ldir / "task-inferred" / "result.json").exists():
                 continue
             self._evaluate(model, tasks[: t + 1], masks, r, t, ldir, train_metrics)
-            write_csv(self.dir / "results.csv", sorted_results(self.dir), RESULT_COLUMNS + COLUMNS)
+            self.write_results(sorted_results(self.dir), RESULT_COLUMNS + COLUMNS)
 
     def _train_task(self, model, task: Dataset, r: int, t: int, wdir: Path, progress):
         spec = self.spec

@@ -41,21 +41,31 @@ from .sections import (
     raw_section,
     stability_section,
     summarize,
+    sweep_section,
 )
 
+# methods whose runs have a meaningful early-stop iteration (IMP levels over training)
+EARLY_STOP_METHODS = ("lottery", "train", "stability")
 
-def build_report(run_dirs, out_dir) -> Path:
-    """Write the figures and ``report.html`` under ``out_dir``; return the page's path."""
+
+def build_report(run_dirs, out_dir, points: list[dict] | None = None) -> Path:
+    """Write the figures and ``report.html`` under ``out_dir``; return the page's path.
+
+    ``points`` (one per run directory: the flags a sweep set for it) makes it a sweep's
+    report: runs named by what differs, and the sweep's table and lines first."""
     runs = load_runs(run_dirs)
+    if points is not None:
+        for r, p in zip(runs, points):
+            r.label = ", ".join(f"{k}={v}" for k, v in p.items()) or r.label
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     summaries = {r.label: summarize(r) for r in runs}
-    sections = [
-        accuracy_section(runs, summaries, out),
-        early_stop_section(runs, summaries, out),
-    ]
+    sections = [] if points is None else [sweep_section(runs, points, out)]
+    sections.append(accuracy_section(runs, summaries, out))
+    if any(r.method in EARLY_STOP_METHODS for r in runs):
+        sections.append(early_stop_section(runs, summaries, out))
     layer = layer_section(runs, out)
     if layer is not None:
         sections.append(layer)

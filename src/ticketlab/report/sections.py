@@ -510,6 +510,67 @@ def stability_section(runs, out: Path) -> Section:
     return section
 
 
+def sweep_section(runs, points: list[dict], out: Path) -> Section:
+    """A sweep read as a paper's table: a row per swept setting and variant, a column per
+    value of the swept target (or of the last swept flag), each cell the mean ± std over
+    seeds and replicates of the deepest level's test accuracy; the same as lines against
+    weights remaining."""
+    keys = list(dict.fromkeys(k for p in points for k in p))
+    column = next((k for k in ("sparsity", "density") if k in keys), keys[-1] if keys else "")
+    cells: dict[tuple, dict] = {}
+    for run, point in zip(runs, points):
+        done = [r for r in run.rows if r.get("status", "done") in ("done", "")]
+        if not done:
+            continue
+        level = max(int(r["level"]) for r in done)
+        group = ", ".join(f"{k}={v}" for k, v in point.items() if k not in (column, "seed"))
+        for r in done:
+            if int(r["level"]) != level:
+                continue
+            cell = cells.setdefault((group, r["variant"], str(point.get(column, ""))), {})
+            cell.setdefault("acc", []).append(_num(r["test_accuracy"]))
+            cell.setdefault("density", []).append(_num(r["density"]))
+    values = list(dict.fromkeys(str(p.get(column, "")) for p in points))
+    lines = list(dict.fromkeys((g, v) for g, v, _ in cells))
+    rows, series = [], []
+    for group, variant in lines:
+        row = [group or "(all)", variant]
+        pts = []
+        for val in values:
+            c = cells.get((group, variant, val))
+            if c is None:
+                row.append("")
+                continue
+            m, sd = mean_std(c["acc"])
+            row.append(f"{_pct(m)} ± {_pct(sd)} (n={len(c['acc'])})")
+            pts.append((sum(c["density"]) / len(c["density"]), 100 * m, 100 * sd))
+        rows.append(row)
+        pts.sort(key=lambda t: -t[0])
+        name = f"{variant}" + (f" ({group})" if group and group != variant else "")
+        series.append(
+            {
+                "label": name,
+                "density": [p[0] for p in pts],
+                "mean": [p[1] for p in pts],
+                "std": [p[2] for p in pts],
+            }
+        )
+    png = figures.metric_vs_density(
+        series, "test accuracy %", "Test accuracy over the sweep", out / "sweep.png"
+    )
+    section = Section(
+        "Sweep",
+        text=f"One line per setting and variant over {column or 'the sweep'}; "
+        "cells are the mean ± std over seeds and replicates of the deepest level's "
+        "test accuracy.",
+        figures=[(png, f"Test accuracy (mean, {figures.BAND_NOTE}) against weights remaining.")],
+    )
+    section.tables.append(
+        Table(f"test accuracy % by {column}", ["setting", "variant", *values], rows)
+    )
+    return section
+
+
 def diverged_section(runs) -> Section | None:
     """The phases whose training loss became non-finite: left out of every mean and figure."""
     cols = ["run", "replicate", "level", "variant", "diverged at step", "last finite test acc"]

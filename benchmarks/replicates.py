@@ -1,0 +1,106 @@
+"""Replicates on one machine: sequential against ``--jobs N`` worker processes.
+
+The work is the issue's: 4 replicates of IMP up to level 1 (two training phases
+each) of LeNet-300-100 on Fashion-MNIST, with the command's defaults (Frankle &
+Carbin's setup) and ``--steps``/``--eval-every`` as given. Each mode runs the
+whole ``ticketlab lottery`` command in a fresh process and a fresh run directory,
+modes alternating over ``--rounds``; the figure is the median wall time, and the
+ratio is sequential / mode. The peak memory of each mode is the largest sum of
+PSS (proportional set size: pages the forked workers share with the parent, such
+as the dataset, counted once) over the command's process tree, polled every
+20 ms from /proc.
+
+``--jobs 1`` runs with every usable core as threads (the default), ``--jobs N``
+with cores/N threads per worker, so the comparison is what a user gets from the
+flag. ``--vectorize`` (stacked replicates in one process) is not built yet, and
+this script says so rather than timing a stand-in.
+
+Run: ``python benchmarks/replicates.py [--replicates 4] [--steps 1000it]
+[--rounds 3] [--jobs 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Proportional set size (kB) of ``pid`` and all its descendants, from /proc: pages
+    the forked workers share with the parent (the dataset) are counted once overall."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = (task / "children").read_text().split()
+                stack += [int(k) for k in kids]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def run_once(args: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak tree RSS (kB) of one command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_kb(proc.pid))
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {proc.stderr.read().decode()}")
+    return seconds, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--replicates", type=int, default=4)
+    p.add_argument("--steps", default="1000it")
+    p.add_argument("--eval-every", default="500it")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=2)
+    a = p.parse_args()
+    base = [sys.executable, "-m", "ticketlab.cli", "lottery", "--levels", "1", "--quiet"]
+    base += ["--replicates", str(a.replicates), "--steps", a.steps, "--eval-every", a.eval_every]
+    modes = {"sequential": ["--jobs", "1"], f"--jobs {a.jobs}": ["--jobs", str(a.jobs)]}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    peaks: dict[str, int] = {m: 0 for m in modes}
+    root = Path(tempfile.mkdtemp(prefix="tl-replicates-"))
+    try:
+        run_once([*base, "--steps", "10it", "--runs-dir", str(root / "warm")])  # data cache
+        for k in range(a.rounds):
+            order = list(modes) if k % 2 == 0 else list(reversed(modes))
+            for m in order:
+                out = root / f"{m.replace(' ', '')}-{k}"
+                s, rss = run_once([*base, *modes[m], "--runs-dir", str(out)])
+                times[m].append(s)
+                peaks[m] = max(peaks[m], rss)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    seq = statistics.median(times["sequential"])
+    print(f"{a.replicates} replicates of IMP level 1, LeNet-300-100, Fashion-MNIST, {a.steps}")
+    print(f"usable cores: {len(os.sched_getaffinity(0))}")
+    print(f"{'mode':<14}{'median s':>10}{'vs sequential':>15}{'peak PSS MB':>13}")
+    for m in modes:
+        med = statistics.median(times[m])
+        print(f"{m:<14}{med:>10.2f}{seq / med:>14.2f}x{peaks[m] / 1024:>13.0f}")
+    ratio = peaks[f"--jobs {a.jobs}"] / max(peaks["sequential"], 1)
+    print(f"memory: --jobs {a.jobs} uses {ratio:.2f}x the sequential peak")
+    print("--vectorize: not built yet (stacked replicates); nothing timed")
+
+
+if __name__ == "__main__":
+    main()
