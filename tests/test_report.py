@@ -264,3 +264,13 @@ def test_runs_without_a_density_target_stay_apart(run, tmp_path):
     shutil.copytree(run, other / run.name)
     groups = curve_groups(load_runs([run, other / run.name]))
     assert [len(g) for g, _ in groups] == [1, 1]
+
+
+def test_runs_whose_parents_share_a_name_are_still_told_apart(run, tmp_path):
+    from ticketlab.report.sections import load_runs
+
+    a, b = tmp_path / "a" / "runs" / run.name, tmp_path / "b" / "runs" / run.name
+    shutil.copytree(run, a)
+    shutil.copytree(run, b)
+    labels = [r.label for r in load_runs([a, b])]
+    assert labels[0] != labels[1] and labels[0].endswith(f"a/runs/{run.name}")

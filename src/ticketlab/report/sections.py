@@ -52,10 +52,15 @@ def load_runs(run_dirs) -> list[Run]:
             columns = f.readline().strip().split(",")
         spec = read_json(path / "spec.json") if (path / "spec.json").exists() else {}
         runs.append(Run(path, path.name or str(path), rows, columns, spec))
-    labels = [r.label for r in runs]
-    for r in runs:
-        if labels.count(r.label) > 1:
-            r.label = f"{r.path.parent.name}/{r.label}"
+    # runs of the same name are told apart by as much of their path as it takes
+    for depth in range(1, 64):
+        labels = [r.label for r in runs]
+        same = [r for r in runs if labels.count(r.label) > 1]
+        if not same:
+            break
+        for r in same:
+            parts = r.path.resolve().parts
+            r.label = "/".join(parts[-depth - 1 :]) if depth < len(parts) else str(r.path)
     return runs
 
 
