@@ -165,13 +165,14 @@ def test_old_format_files_load(tmp_path):
                      dict(sorted(state.items())))  # fmt: skip
     # a checkpoint as it was written before: plain model tensors, one metadata entry
     opt = TRAIN.make_optimizer(model, tl.Spec())
-    TRAIN.save_checkpoint(tmp_path / "ckpt.safetensors", model, opt, 7, {"train_seconds": 1.0})
+    extra_in = {"train_seconds": 1.0}  # what the loop stores beside the tensors
+    TRAIN.save_checkpoint(tmp_path / "ckpt.safetensors", model, opt, 7, extra_in)
     assert not file_layout(read_state_file(tmp_path / "ckpt.safetensors")[1])
     fresh = lenet(seed=3)
     step, extra = TRAIN.load_checkpoint(
         tmp_path / "ckpt.safetensors", fresh, TRAIN.make_optimizer(fresh, tl.Spec())
     )
-    assert step == 7 and extra == {"train_seconds": 1.0}
+    assert step == 7 and extra == extra_in
     assert same_bits(tl.snapshot(fresh), state)
 
 
@@ -408,11 +409,11 @@ def test_checkpoint_knobs_leave_the_hash_alone_and_come_from_the_command_line(tm
     base = tl.Spec(method="lottery", dataset="xor", model="mlp")
     other = base.replace(checkpoint_every="7it", checkpoint_seconds=5.0)
     assert spec_hash(identity(other, 100)) == spec_hash(identity(base, 100)) == "90983947f4c5"
-    args = build_parser().parse_args(
-        ["lottery", "--checkpoint-every", "2ep", "--checkpoint-seconds", "0"]
-    )
+    flags = {"--checkpoint-every": "2ep", "--checkpoint-seconds": "0"}
+    args = build_parser().parse_args(["lottery", *(x for kv in flags.items() for x in kv)])
     spec = spec_from_args(args, "lottery")
-    assert (spec.checkpoint_every, spec.checkpoint_seconds) == ("2ep", 0.0)
+    assert spec.checkpoint_every == flags["--checkpoint-every"]
+    assert spec.checkpoint_seconds == float(flags["--checkpoint-seconds"])
     assert tl.spec.resolve(spec, 100).checkpoint_every == 200
     for bad in (["--checkpoint-every", "0it"], ["--checkpoint-seconds", "-1"]):
         rc = main(["lottery", "--dataset", "xor", "--runs-dir", str(tmp_path), *bad, "--quiet"])
