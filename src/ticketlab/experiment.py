@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from .data import Dataset
 from .data import load as load_data
-from .errors import Diverged, WorkFailed
+from .errors import Diverged, UsageError, WorkFailed
 from .executors import describe_failure, report_results, run_parallel
 from .masks import Mask, model_density
 from .metrics import forward_flops, layer_macs, sparsity_metrics, train_flops_per_step
@@ -48,6 +49,7 @@ from .spec import (
     unhashed_fields,
 )
 from .train import lr_at, steps_per_epoch, train
+from .vectorized import Copy, train_stacked, why_not_vectorized
 
 
 def replicate_seed(spec: Spec, replicate: int, purpose: str) -> int:
@@ -69,6 +71,8 @@ class Experiment:
     data, opens the run directory, writes ``spec.json`` under the run lock and loops
     over replicates."""
 
+    VECTORIZES = False  # whether the method implements --vectorize
+
     def __init__(
         self,
         spec: Spec,
@@ -76,6 +80,11 @@ class Experiment:
         model_fn: Callable[[int], nn.Module] | None = None,
         model_id: str | None = None,
     ):
+        if spec.vectorize and not self.VECTORIZES:
+            raise UsageError(
+                f"--vectorize is not available for {spec.method}; it vectorises lottery and "
+                "train (use --jobs N to run replicates in parallel)"
+            )
         self.spec = spec
         self.data = (
             data
@@ -103,6 +112,7 @@ class Experiment:
         if data is not None:
             self.identity["dataset"] = f"{data.name}:{len(data.y_train)}"
         self.hash = spec_hash(self.identity)
+        self._told: set[str] = set()  # what --vectorize could not stack, said once
         # Build once now, so bad layer names fail before anything is written.
         probe = self.model_fn(0)
         self.fractions = layer_fractions(
@@ -158,7 +168,10 @@ class Experiment:
             levels = 0 if spec.method == "train" else spec.levels
             diverged: list[Diverged] = []
             jobs = min(spec.jobs, spec.replicates)
-            if jobs > 1:  # replicates in worker processes; this process writes results.csv
+            if spec.vectorize:  # the replicates as stacks, level by level
+                rs = list(range(spec.replicates))
+                diverged = self._replicates_vectorized(rs, levels, progress)
+            elif jobs > 1:  # replicates in worker processes; this process writes results.csv
                 work = functools.partial(self._replicate_or_diverge, levels=levels)
                 results, failed = run_parallel(list(range(spec.replicates)), work, jobs, progress)
                 diverged = [d for _, d in sorted(results.items()) if d is not None]
@@ -189,6 +202,10 @@ class Experiment:
                 note=not_retried(self.dir),
             )
         return rows
+
+    def _replicates_vectorized(self, rs: list[int], levels: int, progress) -> list[Diverged]:
+        """``--vectorize``: the replicates ``rs`` trained as stacks (methods that can)."""
+        raise NotImplementedError(f"{type(self).__name__} does not vectorise")
 
     def _replicate_or_diverge(self, r: int, progress=None, *, levels: int):
         """Run replicate ``r``; a divergence is recorded and returned, not raised (it
@@ -260,25 +277,9 @@ class Experiment:
         (which may override computed ones) to the result row. With ``prior_flops``
         (the training FLOPs that found the mask) the row gets ``train_flops``: those
         plus this training's."""
-        if (vdir / "result.json").exists():
-            done = read_json(vdir / "result.json")
-            if done.get("status") == "diverged":  # not retried: later levels need this one
-                raise Diverged(
-                    f"rep {r} level {level} {variant}",
-                    int(done.get("diverged_step", -1)),
-                    vdir,
-                    note=not_retried(vdir),
-                )
+        mask = self._prepare_variant(model, vdir, r, level, variant, start_state, mask)
+        if mask is None:
             return
-        vdir.mkdir(parents=True, exist_ok=True)
-        mask_path = vdir / "mask.safetensors"
-        if mask_path.exists():
-            mask = Mask.load(mask_path)
-        else:
-            mask.save(mask_path)
-        rewind(model, start_state, mask)
-        if not (vdir / "weights_start.safetensors").exists():
-            save_state(vdir / "weights_start.safetensors", snapshot(model), mask)
         begin, end, lr = phase
         try:
             metrics = train(
@@ -295,17 +296,53 @@ class Experiment:
                 snapshot_steps=snapshot_steps,
                 on_snapshot=on_snapshot,
                 progress=progress,
-                label=f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)",
+                label=_label(r, level, variant, mask),
                 callbacks=callbacks,
             )
         except Diverged as exc:
-            row = diverged_row(exc, self.spec.method, r, level)
-            row.update(variant=variant, density=mask.density())
-            write_json(vdir / "result.json", row)
-            self.write_results(collect_results(self.dir), RESULT_COLUMNS)
+            self._variant_diverged(exc, vdir, r, level, variant, mask)
             raise
+        self._finish_variant(
+            model, vdir, r, level, variant, mask, metrics, phase, spec, extra, prior_flops
+        )
+
+    def _prepare_variant(self, model, vdir: Path, r, level, variant, start_state, mask):
+        """Set ``model`` up to train a variant: its mask (the stored one on a resume) and
+        start weights, both saved. None when the variant is done; a stored divergence is
+        raised again (not retried: later levels need this one)."""
+        if (vdir / "result.json").exists():
+            done = read_json(vdir / "result.json")
+            if done.get("status") == "diverged":
+                raise Diverged(
+                    f"rep {r} level {level} {variant}",
+                    int(done.get("diverged_step", -1)),
+                    vdir,
+                    note=not_retried(vdir),
+                )
+            return None
+        vdir.mkdir(parents=True, exist_ok=True)
+        mask_path = vdir / "mask.safetensors"
+        if mask_path.exists():
+            mask = Mask.load(mask_path)
+        else:
+            mask.save(mask_path)
+        rewind(model, start_state, mask)
+        if not (vdir / "weights_start.safetensors").exists():
+            save_state(vdir / "weights_start.safetensors", snapshot(model), mask)
+        return mask
+
+    def _variant_diverged(self, exc: Diverged, vdir: Path, r, level, variant, mask) -> None:
+        row = diverged_row(exc, self.spec.method, r, level)
+        row.update(variant=variant, density=mask.density())
+        write_json(vdir / "result.json", row)
+        self.write_results(collect_results(self.dir), RESULT_COLUMNS)
+
+    def _finish_variant(
+        self, model, vdir, r, level, variant, mask, metrics, phase, spec, extra, prior_flops
+    ) -> None:
         # compact where the mask prunes most of a layer (a weight a callback grew back
         # is kept: everything nonzero is)
+        begin, end, _ = phase
         save_state(vdir / "weights_end.safetensors", snapshot(model), mask)
         row = {
             "method": self.spec.method,
@@ -325,6 +362,89 @@ class Experiment:
         write_json(vdir / "result.json", row)
         (vdir / "checkpoint.safetensors").unlink(missing_ok=True)
         self.write_results(collect_results(self.dir), RESULT_COLUMNS)
+
+    def _variants(self, items: list[dict], progress=None) -> list[Diverged | None]:
+        """Train several independent variants (each a dict of :meth:`_variant`'s
+        arguments, with ``model`` its own module); per item, its divergence or None.
+
+        With ``spec.vectorize``, those not done yet that share an architecture and a
+        phase train as one stack (:func:`ticketlab.vectorized.train_stacked`); what
+        cannot be stacked trains one after another, and the reason is printed once."""
+        outcome: list[Diverged | None] = [None] * len(items)
+        todo = [i for i, it in enumerate(items) if not (it["vdir"] / "result.json").exists()]
+        stacked = self.spec.vectorize and len(todo) > 1 and self._stackable(items, todo)
+        if not stacked:
+            for i, it in enumerate(items):
+                try:
+                    self._variant(progress=progress, **it)
+                except Diverged as exc:
+                    outcome[i] = exc
+            return outcome
+        copies = []
+        for i in todo:
+            it = items[i]
+            mask = self._prepare_variant(
+                it["model"], it["vdir"], it["r"], it["level"], it["variant"],
+                it["start_state"], it["mask"],
+            )  # fmt: skip
+            it = items[i] = {**it, "mask": mask}
+            copies.append(
+                Copy(
+                    it["model"],
+                    mask,
+                    self.seed(it["r"], "data"),
+                    self.seed(it["r"], "aug"),
+                    it["vdir"],
+                    _label(it["r"], it["level"], it["variant"], mask),
+                    set(it.get("snapshot_steps", ())),
+                    it.get("on_snapshot"),
+                )
+            )
+        begin, end, lr = items[todo[0]]["phase"]
+        level = items[todo[0]]["level"]
+        results = train_stacked(
+            copies,
+            self.data,
+            self.spec,
+            start=begin,
+            end=end,
+            lr_override=lr,
+            progress=progress,
+            label=f"level {level}: {len(copies)} copies vectorised",
+        )
+        for i, got in zip(todo, results):
+            it = items[i]
+            where = (it["vdir"], it["r"], it["level"], it["variant"], it["mask"])
+            if isinstance(got, Diverged):
+                self._variant_diverged(got, *where)
+                outcome[i] = got
+            else:
+                self._finish_variant(
+                    it["model"], *where, got, it["phase"], None, it.get("extra"),
+                    it.get("prior_flops"),
+                )  # fmt: skip
+        return outcome
+
+    def _stackable(self, items, todo) -> bool:
+        """Whether the items ``todo`` can train as one stack; if not, say why, once."""
+        first = items[todo[0]]
+        reason = why_not_vectorized([items[i]["model"] for i in todo])
+        if reason is None and any(items[i]["phase"] != first["phase"] for i in todo):
+            reason = "the variants train different phases"
+        if reason is None and any(items[i].get("callbacks") for i in todo):
+            reason = "a method's training callbacks act on one model at a time"
+        # resuming a phase that was interrupted sequentially: only some have checkpoints
+        ckpts = {(items[i]["vdir"] / "checkpoint.safetensors").exists() for i in todo}
+        if reason is None and len(ckpts) > 1:
+            reason = "only some variants have a checkpoint to resume from"
+        if reason is not None and reason not in self._told:
+            self._told.add(reason)
+            print(f"ticketlab: --vectorize: training one at a time: {reason}", file=sys.stderr)
+        return reason is None
+
+
+def _label(r: int, level: int, variant: str, mask: Mask) -> str:
+    return f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)"
 
 
 def not_retried(where: Path) -> str:

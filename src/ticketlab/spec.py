@@ -41,6 +41,7 @@ NOT_HASHED = frozenset(
         "checkpoint_every",
         "checkpoint_seconds",
         "jobs",
+        "vectorize",  # the same training as stacks: results agree to float tolerance
     }
 )
 # Knobs a dense baseline does not use.
@@ -164,6 +165,7 @@ class Spec:
     levels: int = 3
     replicates: int = 1
     jobs: int = 1  # worker processes for independent replicates (not hashed)
+    vectorize: bool = False  # replicates/controls as one stack of copies (not hashed)
     controls: tuple[str, ...] = ()
     runs_dir: str = "runs"
     quiet: bool = False
@@ -281,6 +283,8 @@ def validate(spec: Spec) -> None:
         raise UsageError(f"replicates must be >= 1; got {spec.replicates}")
     if isinstance(spec.jobs, bool) or not isinstance(spec.jobs, int) or spec.jobs < 1:
         raise UsageError(f"jobs must be an integer >= 1; got {spec.jobs}")
+    if spec.vectorize and spec.jobs > 1:
+        raise UsageError("--vectorize and --jobs N are alternatives: give one of them")
     if spec.nesterov and spec.optimizer != "sgd":
         raise UsageError("nesterov needs --optimizer sgd")
 

@@ -75,7 +75,7 @@ def request_stop() -> None:
     _stop_requested = True
 
 
-def _clear_stop() -> None:
+def clear_stop() -> None:
     global _stop_requested
     _stop_requested = False
 
@@ -145,7 +145,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float(loss) / len(y), int(correct) / len(y)
 
 
-def _mix(seed: int, step: int) -> int:
+def mix_seed(seed: int, step: int) -> int:
     return (seed * 6364136223846793005 + step * 1442695040888963407 + 1) & ((1 << 63) - 1)
 
 
@@ -240,7 +240,7 @@ def load_checkpoint(path: Path, model, optimizer, callbacks: Iterable = ()) -> t
     return int(meta["step"]), meta["extra"]
 
 
-def _read_metrics(path: Path, upto: int) -> list[dict]:
+def read_metrics(path: Path, upto: int) -> list[dict]:
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -381,7 +381,7 @@ def train(
         step, extra = load_checkpoint(ckpt, model, optimizer, callbacks)
         seconds = extra.get("train_seconds", 0.0)
         sparse_layers = extra.get("sparse_layers", [])  # a checkpoint from before: dense
-        rows = _read_metrics(metrics_path, step)
+        rows = read_metrics(metrics_path, step)
         with atomic_path(metrics_path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     else:
@@ -423,7 +423,7 @@ def train(
         idx = sampler.indices(step).to(device)
         x, y = x_train.index_select(0, idx), y_train.index_select(0, idx)
         if augment:
-            gen.manual_seed(_mix(aug_seed, step))
+            gen.manual_seed(mix_seed(aug_seed, step))
             x = data.augment_batch(x, gen)
         loss = F.cross_entropy(model(x), y)
         broken |= ~torch.isfinite(loss.detach())
@@ -486,7 +486,7 @@ def train(
             if task is not None:
                 progress.update(task, completed=step - start)
             if _stop_requested:
-                _clear_stop()
+                clear_stop()
                 saved = "checkpoint saved" if ckpt is not None else "no checkpoint kept"
                 if sparse is not None:
                     sparse.close()

@@ -155,6 +155,7 @@ def method_command(
     group: str | None = None,
     lottery: bool = False,
     prepare=None,
+    vectorize: bool = False,
 ):
     """One experiment subcommand: its parser with the common flags (and the lottery's
     with ``lottery``), handled by running ``module.experiment_cls`` on a
@@ -168,6 +169,14 @@ def method_command(
     common_flags(p)
     if lottery:
         lottery_flags(p)
+    if vectorize:
+        toggle(
+            p,
+            "--vectorize",
+            "train the replicates (and the controls of a level) as one stack of copies, one "
+            "forward and backward for all; falls back to one at a time, saying why, for "
+            "BatchNorm or dropout",
+        )
     handler = functools.partial(run_method, name, module, spec_cls, experiment_cls, prepare=prepare)
     p.set_defaults(handler=handler)
     return p.add_argument_group(group or name)

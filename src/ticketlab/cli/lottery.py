@@ -18,6 +18,7 @@ def add_parsers(sub) -> None:
         "Spec",
         "LotteryExperiment",
         lottery=True,
+        vectorize=True,
     )
     method_command(
         sub,
@@ -26,6 +27,7 @@ def add_parsers(sub) -> None:
         "ticketlab.methods.lottery",
         "Spec",
         "LotteryExperiment",
+        vectorize=True,
     )
     p = sub.add_parser("list", help="list models, datasets, criteria, presets or methods")
     p.add_argument(

@@ -39,6 +39,8 @@ from ..spec import Spec
 class LotteryExperiment(Experiment):
     """A lottery (or dense ``train``) experiment bound to its run directory."""
 
+    VECTORIZES = True
+
     def _replicate(self, r: int, levels: int, progress) -> None:
         spec, res = self.spec, self.res
         rdir = self.dir / f"replicate-{r}"
@@ -105,9 +107,22 @@ class LotteryExperiment(Experiment):
         """Train one control of one level from what is on disk (so a worker can): the
         level's mask and the rewind point. A divergence is recorded and returned."""
         r, level, control, imp_flops = item
+        model = model if model is not None else self.model_fn(self.seed(r, "init"))
+        try:
+            self._variant(progress=progress, **self._control_item(item, model))
+        except Diverged as exc:
+            if in_worker():  # the parent raises it once the level's work is collected
+                self._record_divergence(exc, r)
+                return exc
+            raise
+        return None
+
+    def _control_item(self, item, model) -> dict:
+        """The :meth:`_variant` arguments of one control of one level, from what is on
+        disk: the level's mask and the rewind point."""
+        r, level, control, imp_flops = item
         spec, res = self.spec, self.res
         rdir = self.dir / f"replicate-{r}"
-        model = model if model is not None else self.model_fn(self.seed(r, "init"))
         rewind_state = load_state(rdir / "rewind.safetensors")
         mask = Mask.load(rdir / f"level-{level}" / "mask.safetensors")
         cseed = self.seed(r, f"{control}/{level}")
@@ -120,25 +135,114 @@ class LotteryExperiment(Experiment):
             cstart = signed_constant(rewind_state, mask, spec.init)
         elif control == "random-mask":
             cmask = random_mask(mask, cseed)
-        try:
-            self._variant(
-                model,
-                rdir / f"level-{level}" / control,
-                r,
-                level,
-                control,
-                cstart,
-                cmask,
-                (res.rewind, res.steps, None),
-                progress=progress,
-                prior_flops=imp_flops,
+        return dict(
+            model=model,
+            vdir=rdir / f"level-{level}" / control,
+            r=r,
+            level=level,
+            variant=control,
+            start_state=cstart,
+            mask=cmask,
+            phase=(res.rewind, res.steps, None),
+            prior_flops=imp_flops,
+        )
+
+    def _level_mask(self, r: int, level: int, model, init_state) -> Mask:
+        """Level ``level``'s mask: stored, or pruned from the previous level's ticket."""
+        spec = self.spec
+        rdir = self.dir / f"replicate-{r}"
+        prev = rdir / f"level-{level - 1}" / "ticket"
+        mask_path = rdir / f"level-{level}" / "mask.safetensors"
+        if mask_path.exists():
+            return Mask.load(mask_path)
+        rewind(model, load_state(prev / "weights_end.safetensors"))
+        gen = torch.Generator().manual_seed(self.seed(r, f"prune/{level}"))
+        mask = prune(
+            model,
+            Mask.load(prev / "mask.safetensors"),
+            self.fractions,
+            scope=spec.scope,
+            criterion=spec.criterion,
+            context=self.level_context(gen, init_state),
+        )
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        mask.save(mask_path)
+        return mask
+
+    def _ticket_start(self, r: int, level: int) -> dict:
+        rdir = self.dir / f"replicate-{r}"
+        if self.spec.protocol == "rewind":
+            return load_state(rdir / "rewind.safetensors")
+        return load_state(rdir / f"level-{level - 1}" / "ticket" / "weights_end.safetensors")
+
+    def _replicates_vectorized(self, rs: list[int], levels: int, progress) -> list[Diverged]:
+        """``--vectorize``: the replicates in lockstep, level by level; at each level the
+        tickets of all replicates, then all their controls, train as one stack each
+        (:meth:`Experiment._variants`). A replicate that diverges stops there."""
+        spec, res = self.spec, self.res
+        variant0 = "dense" if spec.method == "train" else "ticket"
+        models = {r: self.model_fn(self.seed(r, "init")) for r in rs}
+        inits = {r: snapshot(m) for r, m in models.items()}
+        items = []
+        for r in rs:
+            rewind_path = self.dir / f"replicate-{r}" / "rewind.safetensors"
+
+            def save_rewind(step: int, m: nn.Module, path=rewind_path) -> None:
+                if not path.exists():
+                    save_state(path, snapshot(m))
+
+            items.append(
+                dict(
+                    model=models[r],
+                    vdir=self.dir / f"replicate-{r}" / "level-0" / variant0,
+                    r=r,
+                    level=0,
+                    variant=variant0,
+                    start_state=inits[r],
+                    mask=Mask.dense(models[r]),
+                    phase=(0, res.steps, None),
+                    snapshot_steps={res.rewind},
+                    on_snapshot=save_rewind,
+                    prior_flops=0.0,
+                )
             )
-        except Diverged as exc:
-            if in_worker():  # the parent raises it once the level's work is collected
-                self._record_divergence(exc, r)
-                return exc
-            raise
-        return None
+        diverged = {}
+        for it, d in zip(items, self._variants(items, progress)):
+            if d is not None:
+                diverged[it["r"]] = d
+        imp_flops = {r: self.training_flops(Mask.dense(models[r]), res.steps) for r in rs}
+        for level in range(1, levels + 1):
+            alive = [r for r in rs if r not in diverged]
+            tickets = []
+            for r in alive:
+                mask = self._level_mask(r, level, models[r], inits[r])
+                tickets.append(
+                    dict(
+                        model=models[r],
+                        vdir=self.dir / f"replicate-{r}" / f"level-{level}" / "ticket",
+                        r=r,
+                        level=level,
+                        variant="ticket",
+                        start_state=self._ticket_start(r, level),
+                        mask=mask,
+                        phase=self._phase(level),
+                        prior_flops=imp_flops[r],
+                    )
+                )
+            controls = [
+                self._control_item((r, level, c, imp_flops[r]), self.model_fn(self.seed(r, "init")))
+                for r in alive
+                for c in spec.controls
+            ]
+            # the tickets first (the next level prunes them), then every control at once
+            for group in (tickets, controls):
+                for it, d in zip(group, self._variants(group, progress)):
+                    if d is not None and it["r"] not in diverged:
+                        diverged[it["r"]] = d
+            for it in tickets:
+                begin, end, _ = self._phase(level)
+                imp_flops[it["r"]] += self.training_flops(it["mask"], end - begin)
+        return [diverged[r] for r in sorted(diverged)]
 
     def _levels(self, r: int, levels: int, model, init_state, side, progress) -> None:
         spec, res = self.spec, self.res
@@ -148,26 +252,8 @@ class LotteryExperiment(Experiment):
         imp_flops = self.training_flops(Mask.dense(model), res.steps)
         for level in range(1, levels + 1):
             ldir = rdir / f"level-{level}"
-            prev = rdir / f"level-{level - 1}" / "ticket"
-            mask_path = ldir / "mask.safetensors"
-            if mask_path.exists():
-                mask = Mask.load(mask_path)
-            else:
-                rewind(model, load_state(prev / "weights_end.safetensors"))
-                gen = torch.Generator().manual_seed(self.seed(r, f"prune/{level}"))
-                mask = prune(
-                    model,
-                    Mask.load(prev / "mask.safetensors"),
-                    self.fractions,
-                    scope=spec.scope,
-                    criterion=spec.criterion,
-                    context=self.level_context(gen, init_state),
-                )
-                mask.save(mask_path)
-            if spec.protocol == "rewind":
-                start = rewind_state
-            else:
-                start = load_state(prev / "weights_end.safetensors")
+            mask = self._level_mask(r, level, model, init_state)
+            start = rewind_state if spec.protocol == "rewind" else self._ticket_start(r, level)
             self._variant(
                 model,
                 ldir / "ticket",
