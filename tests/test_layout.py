@@ -99,7 +99,8 @@ def test_only_cli_imports_cli_or_the_package_root():
     bad = sorted(
         (m, t)
         for m, ts in _internal(GRAPH).items()
-        if not m.startswith("ticketlab.cli")
+        # ``python -m ticketlab`` is a front end, as the ``ticketlab`` script is
+        if not m.startswith("ticketlab.cli") and m != "ticketlab.__main__"
         for t in ts
         if t == "ticketlab" or t.startswith("ticketlab.cli")
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 from .data import Dataset
 from .data import load as load_data
+from .distributed import data_parallel, is_writer, mirror_dir
 from .errors import Diverged, UsageError, WorkFailed
 from .executors import describe_failure, report_results, run_parallel
 from .masks import Mask, model_density
@@ -131,6 +133,13 @@ class Experiment:
             resolved_dict(spec, self.spe),
             unhashed_fields(spec),
         )
+        dp = data_parallel()
+        if dp is not None:
+            if spec.jobs > 1 or spec.vectorize:
+                raise UsageError("under torchrun each rank is one process: drop --jobs/--vectorize")
+            if not is_writer():  # rank 0 writes the store; this rank, a mirror of it
+                self.dir = _mirror(self.dir)
+            dp.barrier()  # every mirror is taken before rank 0 writes anything
 
     # seeds ------------------------------------------------------------------
     def seed(self, replicate: int, purpose: str) -> int:
@@ -445,6 +454,15 @@ class Experiment:
 
 def _label(r: int, level: int, variant: str, mask: Mask) -> str:
     return f"rep {r} level {level} {variant} ({100 * mask.density():.1f}%)"
+
+
+def _mirror(run_dir: Path) -> Path:
+    """A fresh private copy of ``run_dir`` (as rank 0 left it) for a rank > 0 to write."""
+    mirror = mirror_dir(run_dir)
+    shutil.rmtree(mirror, ignore_errors=True)
+    if run_dir.exists():
+        shutil.copytree(run_dir, mirror, ignore=shutil.ignore_patterns("lock", "*.tmp*"))
+    return mirror
 
 
 def not_retried(where: Path) -> str:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .data import BatchSampler, Dataset
+from .distributed import data_parallel
 from .errors import DataError, Diverged, RunInterrupted, UsageError
 from .masks import Mask, MaskKeeper
 from .masks.sparse import SparseKernels, choose_kernels
@@ -354,9 +355,20 @@ def train(
         ("test", data.x_test.to(device), data.y_test.to(device)),
     ]
 
+    # under torchrun: this rank's share of every global batch, gradients averaged by DDP
+    dp = data_parallel()
+    if dp is not None:
+        dp.check_batch(spec.batch_size)
+        if callbacks:
+            raise UsageError(
+                f"{label}: data-parallel training runs phases without training callbacks; "
+                f"this one has {', '.join(type(c).__name__ for c in callbacks)}"
+            )
+        dp.agree(mask)  # rank 0's mask on every rank, checked by its hash
     optimizer = make_optimizer(model, spec)
     keeper = MaskKeeper(model, mask)
     keeper()
+    net = dp.wrap(model) if dp is not None else model
     workdir = Path(workdir) if workdir is not None else None
     ckpt = workdir / "checkpoint.safetensors" if workdir else None
     metrics_path = workdir / "metrics.jsonl" if workdir else None
@@ -400,9 +412,12 @@ def train(
     before = [c.before_step for c in callbacks if hasattr(c, "before_step")]
     after = [c.after_step for c in callbacks if hasattr(c, "after_step")]
     epoch_end = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
-    sparse, sparse_layers = _sparse_kernels(
-        model, mask, spec, optimizer, callbacks, x_train[: spec.batch_size], sparse_layers
-    )
+    if dp is None:
+        sparse, sparse_layers = _sparse_kernels(
+            model, mask, spec, optimizer, callbacks, x_train[: spec.batch_size], sparse_layers
+        )
+    else:  # DDP reduces the dense gradients; a choice by timing would differ per rank
+        sparse, sparse_layers = None, []
     t0 = time.perf_counter()
     # the time of the next checkpoint by the clock (0: none by the clock)
     next_checkpoint = t0 + spec.checkpoint_seconds if spec.checkpoint_seconds else 0.0
@@ -420,16 +435,21 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             current_lr = lr
-        idx = sampler.indices(step).to(device)
+        idx = sampler.indices(step)
+        if dp is not None:
+            idx = dp.shard(idx)
+        idx = idx.to(device)
         x, y = x_train.index_select(0, idx), y_train.index_select(0, idx)
         if augment:
             gen.manual_seed(mix_seed(aug_seed, step))
             x = data.augment_batch(x, gen)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(net(x), y)
         broken |= ~torch.isfinite(loss.detach())
         clean += ~broken
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if dp is not None:  # pruned weights get no gradient, hence no optimizer state
+            keeper.mask_grads()
         for cb in before:
             cb(step, model, optimizer)
         opt.step()
@@ -456,17 +476,21 @@ def train(
         evaluating = step % res.eval_every == 0 or step == end
         # checkpoints have their own interval (the end of a phase needs none: its caller
         # writes the final weights); an interruption always writes one
+        by_clock = 0 < next_checkpoint <= time.perf_counter()
+        stopping = _stop_requested
+        if dp is not None:  # the ranks stop and checkpoint at the same step
+            stopping, by_clock = dp.any(stopping, by_clock)
         checkpointing = (
             ckpt is not None
             and step < end
-            and (
-                step % res.checkpoint_every == 0
-                or step in checkpoint_steps
-                or 0 < next_checkpoint <= time.perf_counter()
-            )
+            and (step % res.checkpoint_every == 0 or step in checkpoint_steps or by_clock)
         )
-        if evaluating or checkpointing or _stop_requested:
-            if bool(broken):
+        if evaluating or checkpointing or stopping:
+            is_broken = bool(broken)
+            if dp is not None:  # a loss that broke on any rank broke the run
+                (is_broken,) = dp.any(is_broken)
+                clean = torch.full_like(clean, dp.min(int(clean)))
+            if is_broken:
                 if task is not None:
                     progress.update(task, visible=False)
                 last = dict(rows[-1]) if rows else {}
@@ -477,7 +501,7 @@ def train(
                 sparse.write_back()
             if evaluating:
                 record(step)
-            if ckpt is not None and (checkpointing or _stop_requested):
+            if ckpt is not None and (checkpointing or stopping):
                 elapsed = seconds + time.perf_counter() - t0
                 extra = {"train_seconds": elapsed, "sparse_layers": sparse_layers}
                 save_checkpoint(ckpt, model, optimizer, step, extra, callbacks, keeper.mask)
@@ -485,7 +509,7 @@ def train(
                     next_checkpoint = time.perf_counter() + spec.checkpoint_seconds
             if task is not None:
                 progress.update(task, completed=step - start)
-            if _stop_requested:
+            if stopping:
                 clear_stop()
                 saved = "checkpoint saved" if ckpt is not None else "no checkpoint kept"
                 if sparse is not None:

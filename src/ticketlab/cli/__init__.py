@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from ..distributed import end_data_parallel
 from ..errors import Diverged, RunInterrupted, UsageError
 from . import analysis, export, lottery, masking, pruning, sparse, structured, sweep
 from .common import Parser, run_experiment, spec_from_args
@@ -33,7 +34,10 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        try:
+            return args.handler(args)
+        finally:
+            end_data_parallel()
     except UsageError as exc:
         print(f"ticketlab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -236,12 +236,14 @@ def spec_from_args(args: argparse.Namespace, method: str, cls: type | None = Non
 
 def run_experiment(spec, experiment_cls=None) -> int:
     """Run an experiment with a progress bar per phase and print its results table."""
+    from ..distributed import is_writer
     from ..methods.lottery import LotteryExperiment
     from ..train import stop_on_signals
 
     exp = (experiment_cls or LotteryExperiment)(spec)  # validates, loads data: nothing written
     progress = None
-    if not spec.quiet:
+    quiet = spec.quiet or not is_writer()  # under torchrun, rank 0 speaks for all
+    if not quiet:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -266,7 +268,7 @@ def run_experiment(spec, experiment_cls=None) -> int:
                 rows = exp.run(progress)
         else:
             rows = exp.run()
-    if not spec.quiet:
+    if not quiet:
         # imported here: the report package loads matplotlib, a second of start-up
         from ..report.table import print_results
 

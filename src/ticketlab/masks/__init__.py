@@ -223,3 +223,10 @@ class MaskKeeper:
     def __call__(self) -> None:
         if self.params:
             torch._foreach_mul_(self.params, self.masks)
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        """Zero the gradients of pruned weights (so an optimizer keeps no state for them)."""
+        pairs = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
