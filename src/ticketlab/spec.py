@@ -37,6 +37,7 @@ NOT_HASHED = frozenset(
         "quiet",
         "eval_batch_size",
         "kernels",  # the same training, only its speed (and float rounding) differs
+        "compile",  # likewise: the same graph, compiled
         # when checkpoints are written: a resume continues exactly from any of them
         "checkpoint_every",
         "checkpoint_seconds",
@@ -145,6 +146,10 @@ class Spec:
     # dense, sparse (CSR kernels for every masked Linear layer) or auto (per layer, by a
     # short timing, below 20% density); see ticketlab.masks.sparse
     kernels: str = "auto"
+    # mixed precision: "none" (float32) or "bf16" (autocast; weights, masks and optimizer
+    # state stay float32, so pruned weights stay exactly zero)
+    amp: str = "none"
+    compile: bool = False  # torch.compile the forward pass (not hashed)
     # seeds: each derived from `seed` (and the replicate) unless given
     seed: int = 0
     init_seed: int | None = None
@@ -221,6 +226,9 @@ def validate(spec: Spec) -> None:
     _choice("scope", spec.scope, SCOPES)
     _choice("protocol", spec.protocol, PROTOCOLS)
     _choice("kernels", spec.kernels, KERNELS)
+    _choice("amp", spec.amp, ("none", "bf16"))
+    if spec.compile and spec.vectorize:
+        raise UsageError("--compile and --vectorize do not combine yet: give one of them")
     from .pruning.criteria import CRITERIA, criterion_names  # lazy: no import cycle
 
     allowed = criterion_names(spec.method)

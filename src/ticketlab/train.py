@@ -369,6 +369,13 @@ def train(
     keeper = MaskKeeper(model, mask)
     keeper()
     net = dp.wrap(model) if dp is not None else model
+    if spec.compile:  # the mask is kept outside the forward pass: nothing in it breaks a graph
+        net = torch.compile(net)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if spec.amp == "bf16"
+        else contextlib.nullcontext()
+    )
     workdir = Path(workdir) if workdir is not None else None
     ckpt = workdir / "checkpoint.safetensors" if workdir else None
     metrics_path = workdir / "metrics.jsonl" if workdir else None
@@ -412,11 +419,12 @@ def train(
     before = [c.before_step for c in callbacks if hasattr(c, "before_step")]
     after = [c.after_step for c in callbacks if hasattr(c, "after_step")]
     epoch_end = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
-    if dp is None:
+    if dp is None and spec.amp == "none" and not spec.compile:
         sparse, sparse_layers = _sparse_kernels(
             model, mask, spec, optimizer, callbacks, x_train[: spec.batch_size], sparse_layers
         )
-    else:  # DDP reduces the dense gradients; a choice by timing would differ per rank
+    else:  # DDP reduces the dense gradients (a choice by timing would differ per rank);
+        # autocast and the compiler work on the dense layers
         sparse, sparse_layers = None, []
     t0 = time.perf_counter()
     # the time of the next checkpoint by the clock (0: none by the clock)
@@ -443,7 +451,8 @@ def train(
         if augment:
             gen.manual_seed(mix_seed(aug_seed, step))
             x = data.augment_batch(x, gen)
-        loss = F.cross_entropy(net(x), y)
+        with autocast:
+            loss = F.cross_entropy(net(x), y)
         broken |= ~torch.isfinite(loss.detach())
         clean += ~broken
         opt.zero_grad(set_to_none=True)

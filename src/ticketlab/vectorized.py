@@ -20,6 +20,7 @@ architecture or step) and the caller then trains sequentially and says so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -169,6 +170,11 @@ def train_stacked(
     if optimizers is not None:
         _stack_optimizer_state(optimizer, optimizers, list(params.values()))
     _apply(params, masks)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if spec.amp == "bf16"
+        else contextlib.nullcontext()
+    )
 
     def write_back() -> None:
         with torch.no_grad():
@@ -226,8 +232,9 @@ def train_stacked(
                 gen.manual_seed(mix_seed(c.aug_seed, step))
                 parts.append(data.augment_batch(x[k], gen))
             x = torch.stack(parts)
-        out = stack.train_logits(x)  # [K, B, classes]
-        losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
+        with autocast:  # cross-entropy is computed in float32 under autocast
+            out = stack.train_logits(x)  # [K, B, classes]
+            losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
         losses = losses.view(K, -1).mean(1)
         broken |= ~torch.isfinite(losses.detach())
         clean += ~broken

@@ -88,6 +88,17 @@ def common_flags(p: argparse.ArgumentParser) -> None:
         "auto (default: CSR where a short timing finds them faster, below 20%% density); "
         "not part of the run's identity",
     )
+    g.add_argument(
+        "--amp",
+        help="mixed precision: none (default) or bf16 (autocast; weights, masks and "
+        "optimizer state stay float32)",
+    )
+    toggle(
+        g,
+        "--compile",
+        "torch.compile the forward pass (masks are kept outside it, so they stay exact); "
+        "not part of the run's identity",
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--init-seed", type=int)
     g.add_argument("--data-seed", type=int)
