@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from .errors import UsageError
@@ -41,8 +42,13 @@ NOT_HASHED = frozenset(
         "checkpoint_every",
         "checkpoint_seconds",
         "jobs",
+        # callables cannot be hashed or stored: `objective` names them in the hash
+        "loss_fn",
+        "metrics_fn",
     }
 )
+# Fields that are never written to spec.json (not JSON values).
+CALLABLE_FIELDS = ("loss_fn", "metrics_fn")
 # Knobs a dense baseline does not use.
 PRUNING_FIELDS = frozenset(
     {
@@ -149,6 +155,22 @@ class Spec:
     init_seed: int | None = None
     data_seed: int | None = None
     aug_seed: int | None = None
+    # objective (Python API): loss_fn(outputs, targets) -> scalar mean loss, and
+    # metrics_fn(outputs, targets) -> {name: batch mean} in place of accuracy; None: the
+    # cross-entropy and accuracy of classification. `objective` names them in the run's
+    # hash (default: each callable's module and qualified name; see objective_name)
+    loss_fn: Callable | None = None
+    metrics_fn: Callable | None = None
+    objective: str | None = None
+    # the evaluation that selects the best step (early stopping): val_loss (lowest) or
+    # val_<metric> (highest); a "min:" or "max:" prefix says which way explicitly
+    select: str = "val_loss"
+    # stop a phase after this many evaluations without a better `select` (0: never)
+    patience: int = 0
+    # what is prunable: module kinds (linear, conv, attention, embedding) and parameter-name
+    # globs; () is Linear and Conv weights. `prunable_exclude` removes kinds or globs.
+    prunable: tuple[str, ...] = ()
+    prunable_exclude: tuple[str, ...] = ()
     # pruning
     criterion: str = "magnitude"
     prune_fraction: float = 0.2
@@ -173,12 +195,58 @@ class Spec:
 
         # aliases (glorot_normal) must not change the run's hash
         object.__setattr__(self, "init", canonical_init(self.init))
-        for name in ("milestones", "dense_layers", "controls"):
+        for name in ("milestones", "dense_layers", "controls", "prunable", "prunable_exclude"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        from .masks.select import canonical_selection
+
+        inc, exc = canonical_selection(self.prunable, self.prunable_exclude)
+        object.__setattr__(self, "prunable", inc)
+        object.__setattr__(self, "prunable_exclude", exc)
+        if self.objective is None and (self.loss_fn is not None or self.metrics_fn is not None):
+            object.__setattr__(self, "objective", objective_name(self.loss_fn, self.metrics_fn))
         validate(self)
 
     def replace(self, **changes) -> Spec:
         return dataclasses.replace(self, **changes)
+
+
+def callable_name(fn) -> str:
+    """``module.qualname`` of a function, or of a callable object's class."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    qual = getattr(target, "__qualname__", None)
+    if qual is None or "<" in qual:
+        raise UsageError(
+            f"the objective {fn!r} has no stable name (a lambda, a nested function or a "
+            "partial): give the spec objective='a name for it', which identifies the run"
+        )
+    return f"{getattr(target, '__module__', '?')}.{qual}"
+
+
+def objective_name(loss_fn, metrics_fn) -> str:
+    """The name a custom objective is hashed by: ``loss=<name>;metrics=<name>``.
+
+    Only the names are hashed, not the code: changing a function's body keeps its runs,
+    so rename it (or pass a new ``objective``) when its meaning changes.
+    """
+    parts = []
+    if loss_fn is not None:
+        parts.append("loss=" + callable_name(loss_fn))
+    if metrics_fn is not None:
+        parts.append("metrics=" + callable_name(metrics_fn))
+    return ";".join(parts)
+
+
+def select_key(select: str) -> tuple[str, bool]:
+    """``(key, lower_is_better)`` of a ``select`` value (see :class:`Spec`)."""
+    mode, sep, key = select.partition(":")
+    if not sep:
+        key, mode = select, ""
+    if mode not in ("", "min", "max") or not key.startswith("val_") or len(key) <= 4:
+        raise UsageError(
+            f"select must be val_loss or val_<metric> (optionally min:/max:); got {select!r}"
+        )
+    lower = key == "val_loss" if not mode else mode == "min"
+    return key, lower
 
 
 def _choice(name: str, value: str, choices) -> None:
@@ -283,6 +351,17 @@ def validate(spec: Spec) -> None:
         raise UsageError(f"jobs must be an integer >= 1; got {spec.jobs}")
     if spec.nesterov and spec.optimizer != "sgd":
         raise UsageError("nesterov needs --optimizer sgd")
+    key, _ = select_key(spec.select)
+    if key not in ("val_loss", "val_accuracy") and spec.metrics_fn is None and spec.loss_fn is None:
+        raise UsageError(
+            f"select {spec.select!r}: the classification objective reports val_loss and "
+            "val_accuracy only; a metrics_fn adds others"
+        )
+    if isinstance(spec.patience, bool) or not isinstance(spec.patience, int) or spec.patience < 0:
+        raise UsageError(f"patience must be an integer >= 0; got {spec.patience}")
+    for fn, what in ((spec.loss_fn, "loss_fn"), (spec.metrics_fn, "metrics_fn")):
+        if fn is not None and not callable(fn):
+            raise UsageError(f"{what} must be callable; got {fn!r}")
 
 
 def spec_fields(cls: type = None) -> dict[str, dataclasses.Field]:
@@ -361,6 +440,8 @@ def resolve(spec: Spec, steps_per_epoch: int) -> Resolved:
 def resolved_dict(spec: Spec, steps_per_epoch: int) -> dict:
     """All fields, with step strings replaced by iterations."""
     d = dataclasses.asdict(spec)
+    for name in CALLABLE_FIELDS:  # named by `objective`
+        d.pop(name, None)
     r = resolve(spec, steps_per_epoch)
     for name in ("steps", "warmup", "eval_every", "rewind"):
         d[name] = getattr(r, name)
