@@ -87,6 +87,9 @@ class Experiment:
                 val_size=spec.val_size,
                 split_seed=spec.seed,
                 augment=spec.augment,
+                workers=spec.workers,
+                bad_files=spec.bad_files,
+                image_size=spec.image_size,
             )
         )
         shape, classes = self.data.input_shape, self.data.num_classes
@@ -111,6 +114,8 @@ class Experiment:
             self.identity["model"] = model_id
         if data is not None:
             self.identity["dataset"] = f"{data.name}:{data.n_train}"
+        elif getattr(self.data, "fingerprint", ""):  # files read from --data-dir
+            self.identity["dataset"] = f"{spec.dataset}:{self.data.fingerprint}"
         self.hash = spec_hash(self.identity)
         # Build once now, so bad layer names fail before anything is written.
         probe = self.model_fn(0)

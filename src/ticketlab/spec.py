@@ -42,6 +42,7 @@ NOT_HASHED = frozenset(
         "checkpoint_every",
         "checkpoint_seconds",
         "jobs",
+        "workers",
         # callables cannot be hashed or stored: `objective` names them in the hash
         "loss_fn",
         "metrics_fn",
@@ -125,6 +126,11 @@ class Spec:
     val_size: int | None = None  # None: the dataset's default
     augment: bool | None = None  # None: the dataset's default (on for CIFAR-10)
     data_dir: str | None = None
+    # data read while training (imagefolder): DataLoader worker processes (the batches are
+    # a function of seed and step, not of this), what a bad image does, the image side
+    workers: int = 0
+    bad_files: str = "fail"
+    image_size: int | None = None
     # model
     model: str = "lenet_300_100"
     width: float = 1.0
@@ -287,6 +293,11 @@ def validate(spec: Spec) -> None:
     _choice("scope", spec.scope, SCOPES)
     _choice("protocol", spec.protocol, PROTOCOLS)
     _choice("kernels", spec.kernels, KERNELS)
+    _choice("bad-files", spec.bad_files, ("fail", "skip"))
+    if isinstance(spec.workers, bool) or not isinstance(spec.workers, int) or spec.workers < 0:
+        raise UsageError(f"workers must be an integer >= 0; got {spec.workers}")
+    if spec.image_size is not None and spec.image_size < 1:
+        raise UsageError(f"image size must be >= 1; got {spec.image_size}")
     from .pruning.criteria import CRITERIA, criterion_names  # lazy: no import cycle
 
     allowed = criterion_names(spec.method)

@@ -374,8 +374,10 @@ def attach(
         module = modules[mod_name]
         mask_attr, scores_attr = _attr(pname, "fmask"), _attr(pname, "scores")
         caller, own = _caller(model, name, modules)
-        if hasattr(module, mask_attr) or hasattr(module, scores_attr) or (
-            "forward" in modules[caller].__dict__ and caller not in swaps
+        if (
+            hasattr(module, mask_attr)
+            or hasattr(module, scores_attr)
+            or ("forward" in modules[caller].__dict__ and caller not in swaps)
         ):
             raise UsageError(f"{name} already has a forward mask or its own forward")
         if mode == "fixed":
