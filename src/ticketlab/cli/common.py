@@ -95,7 +95,8 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--patience",
         type=int,
-        help="stop a phase after this many evaluations without a better --select (default 0: never)",
+        help="stop a phase after this many evaluations without a better --select "
+        "(default 0: never)",
     )
     g.add_argument("--steps", help="budget of each training phase: '50000it' or '40ep'")
     g.add_argument("--batch-size", type=int)

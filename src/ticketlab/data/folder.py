@@ -225,5 +225,6 @@ def image_folder(
         len(classes),
         workers=workers,
         bad_files=bad_files,
-        fingerprint=f"{n - val_size}+{val_size}+{len(test)}:{size}:{_fingerprint(train, test, root)}",
+        fingerprint=f"{n - val_size}+{val_size}+{len(test)}:{size}:"
+        + _fingerprint(train, test, root),
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ticketlab.errors import DataError
 
 from . import generated, sources
-from .dataset import Dataset, build
+from .dataset import build
 
 
 @dataclass(frozen=True)
