@@ -222,7 +222,7 @@ def callable_name(fn) -> str:
     qual = getattr(target, "__qualname__", None)
     if qual is None or "<" in qual:
         raise UsageError(
-            f"the objective {fn!r} has no stable name (a lambda, a nested function or a "
+            f"the objective {qual or fn!r} has no stable name (a lambda, a nested function or a "
             "partial): give the spec objective='a name for it', which identifies the run"
         )
     return f"{getattr(target, '__module__', '?')}.{qual}"
