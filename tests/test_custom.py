@@ -10,14 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 import ticketlab as tl
@@ -241,7 +239,7 @@ def write_folder(root: Path, per_class=12, size=12):
     return root
 
 
-RUN = """
+KILLED = """
 import os, signal, sys, torch
 sys.path.insert(0, {src!r})
 import ticketlab as tl
@@ -253,34 +251,40 @@ class Kill:
     def after_step(self, step, model, optimizer, keeper, x, y):
         if step == {kill}:
             os.kill(os.getpid(), signal.SIGKILL)
-spec = tl.TrainSpec(steps="14it", batch_size=4, eval_every="7it", checkpoint_every="3it",
-                    checkpoint_seconds=0)
+spec = tl.TrainSpec(**{spec!r})
 tl.train(model, data, spec, workdir={work!r}, callbacks=[Kill()], aug_seed=5)
-from safetensors.torch import save_file
-save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, {out!r})
 """
+SPEC = dict(steps="14it", batch_size=4, eval_every="7it", checkpoint_every="3it",
+            checkpoint_seconds=0)  # fmt: skip
 
 
-def run_script(tmp_path, root, work, out, kill):
-    script = RUN.format(src=SRC, root=str(root), work=str(work), out=str(out), kill=kill)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+def folder_run(root, work):
+    """Train LeNet on the folder with two workers, in this process on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load("imagefolder", str(root), val_size=4, workers=2)
+        model = tl.models.build("lenet_300_100", data.input_shape, 2, seed=0)
+        tl.train(model, data, tl.TrainSpec(**SPEC), workdir=work, aug_seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    return model
 
 
 def test_image_folder_workers_kill_resume_bit_identical(tmp_path):
     root = write_folder(tmp_path / "imgs")
     data = load("imagefolder", str(root), val_size=4, workers=2)
     assert data.n_train == 20 and data.input_shape == (1, 12, 12) and data.num_classes == 2
-    whole = run_script(tmp_path, root, tmp_path / "whole", tmp_path / "whole.st", kill=-1)
-    assert whole.returncode == 0, whole.stderr
-    # step 7 of 14, in the first epoch's second half (5 steps an epoch): killed after the
-    # checkpoint at step 6
-    cut = run_script(tmp_path, root, tmp_path / "cut", tmp_path / "cut.st", kill=7)
-    assert cut.returncode == -signal.SIGKILL and not (tmp_path / "cut.st").exists()
+    whole = folder_run(root, tmp_path / "whole")
+    # killed after step 7 of 14, in the second epoch's first half (5 steps an epoch), so
+    # after the checkpoint at step 6
+    script = KILLED.format(src=SRC, root=str(root), work=str(tmp_path / "cut"), kill=7, spec=SPEC)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cut = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert cut.returncode == -signal.SIGKILL, cut.stderr
     assert (tmp_path / "cut" / "checkpoint.safetensors").exists()
-    again = run_script(tmp_path, root, tmp_path / "cut", tmp_path / "cut.st", kill=-1)
-    assert again.returncode == 0, again.stderr
-    a, b = load_file(tmp_path / "whole.st"), load_file(tmp_path / "cut.st")
+    resumed = folder_run(root, tmp_path / "cut")
+    a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(s) for s in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 7, 14]

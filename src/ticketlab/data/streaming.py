@@ -177,13 +177,23 @@ class StreamingData:
         return x, y
 
     def _loader(self, dataset, sampler, batch_size=None, train=False):
-        kwargs = dict(num_workers=self.workers, collate_fn=collate)
-        if self.workers:
-            kwargs.update(prefetch_factor=4, persistent_workers=False)
-        seeded = Seeded(dataset, train, self.bad_files == "skip", self.workers == 0)
+        workers = self.workers
+        if batch_size is not None:  # no more workers than batches; kept for every evaluation
+            workers = min(workers, -(-len(dataset) // batch_size))
+        kwargs = dict(num_workers=workers, collate_fn=collate)
+        if workers:
+            kwargs.update(prefetch_factor=4, persistent_workers=batch_size is not None)
+        seeded = Seeded(dataset, train, self.bad_files == "skip", workers == 0)
         if batch_size is None:
             return tud.DataLoader(seeded, batch_sampler=sampler, **kwargs)
         return tud.DataLoader(seeded, batch_size=batch_size, shuffle=False, **kwargs)
+
+    def _eval_loader(self, split: str, batch_size: int):
+        key = (split, batch_size)
+        cache = self.__dict__.setdefault("_eval_loaders", {})
+        if key not in cache:
+            cache[key] = self._loader(self.val if split == "val" else self.test, None, batch_size)
+        return cache[key]
 
     def _note(self, skipped) -> None:
         for reason in skipped:
@@ -201,7 +211,7 @@ class StreamingData:
         if len(dataset) == 0:
             return
         try:
-            for x, y, skipped in self._loader(dataset, None, batch_size):
+            for x, y, skipped in self._eval_loader(split, batch_size):
                 self._note(skipped)
                 if x is not None:
                     yield structure.to_device(x, device), structure.to_device(y, device)
