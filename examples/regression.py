@@ -35,6 +35,7 @@ def make_data(n: int = 4000, seed: int = 0) -> tl.Dataset:
 
 def main() -> None:
     data = make_data()
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 1))  # fmt: skip
     spec = tl.LotterySpec(steps="15ep", batch_size=50, lr=1e-3, eval_every="1ep", levels=6,
