@@ -90,6 +90,28 @@ def test_in_proj_weight_pruned_stays_zero(tmp_path):
     assert "enc.self_attn.in_proj_weight" not in tl.Mask.dense(TokenNet())
 
 
+def test_controls_and_global_scope_on_selected_parameters(tmp_path):
+    data = token_data()
+    torch.manual_seed(0)
+    spec = tl.LotterySpec(steps="20it", batch_size=20, eval_every="20it", levels=1,
+                          scope="global", prunable=("attention", "embedding"),
+                          controls=("reinit", "reshuffle", "signed-constant", "random-mask"),
+                          runs_dir=str(tmp_path), quiet=True)  # fmt: skip
+    rows = tl.run_on_module(LotteryExperiment, TokenNet(), data, spec)
+    assert sorted(r["variant"] for r in rows if r["level"] == 1) == [
+        "random-mask", "reinit", "reshuffle", "signed-constant", "ticket"
+    ]  # fmt: skip
+    level = next(tmp_path.glob("lottery-*/replicate-0/level-1"))
+    ticket = read_state_file(level / "ticket" / "weights_start.safetensors")[0]
+    reinit = read_state_file(level / "reinit" / "weights_start.safetensors")[0]
+    mask = tl.Mask.load(level / "ticket" / "mask.safetensors")
+    assert mask.names() == ["embed.weight", "enc.self_attn.in_proj_weight"]
+    for name in mask.names():  # the reinit control re-draws the selected weights too
+        kept = mask[name]
+        assert bool((reinit[name][~kept] == 0).all())
+        assert not torch.equal(reinit[name][kept], ticket[name][kept])
+
+
 def test_attention_forward_mask_equals_in_place():
     torch.manual_seed(1)
     model = TokenNet()
