@@ -279,7 +279,8 @@ def test_unknown_name_lists_choices():
     with pytest.raises(DataError) as e:
         load("foo")
     assert str(e.value) == (
-        "unknown dataset 'foo'; choose from: cifar10, fashion_mnist, mnist, mnist1d, xor"
+        "unknown dataset 'foo'; choose from: cifar10, fashion_mnist, imagefolder, mnist, "
+        "mnist1d, xor"
     )
     assert isinstance(e.value, UsageError)
 

@@ -32,13 +32,13 @@ from .errors import DataError, RunInterrupted, UsageError
 from .experiment import Experiment, run_on_module
 from .export import load_exported
 from .load import load_model
-from .masks import Mask, model_density, prunable_weights
+from .masks import Mask, model_density, prunable_weights, set_prunable
 from .methods.lottery import LotteryExperiment, lottery
 from .protocols import random_mask, random_reinit, reshuffle, rewind, signed_constant, snapshot
 from .pruning import layer_fractions
 from .pruning import prune as prune_mask
 from .spec import Spec
-from .train import evaluate, train
+from .train import accuracy_metrics, evaluate, train
 
 # One spec class holds every knob; the name says what it is used for.
 TrainSpec = Spec
@@ -85,6 +85,7 @@ def shrink(
 
 __all__ = [
     "__version__",
+    "accuracy_metrics",
     "DataError",
     "Dataset",
     "Experiment",
@@ -110,6 +111,7 @@ __all__ = [
     "random_reinit",
     "reshuffle",
     "rewind",
+    "set_prunable",
     "shrink",
     "signed_constant",
     "snapshot",

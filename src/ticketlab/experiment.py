@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset
@@ -25,7 +26,7 @@ from .data import load as load_data
 from .distributed import data_parallel, is_writer, mirror_dir
 from .errors import Diverged, UsageError, WorkFailed
 from .executors import describe_failure, report_results, run_parallel
-from .masks import Mask, model_density
+from .masks import Mask, model_density, set_prunable
 from .metrics import forward_flops, layer_macs, sparsity_metrics, train_flops_per_step
 from .models import build, initialize
 from .protocols import rewind, snapshot
@@ -51,7 +52,7 @@ from .spec import (
     unhashed_fields,
 )
 from .train import lr_at, steps_per_epoch, train
-from .vectorized import Copy, train_stacked, why_not_vectorized
+from .vectorized import Copy, train_stacked, why_not_vectorized, why_not_vectorized_run
 
 
 def replicate_seed(spec: Spec, replicate: int, purpose: str) -> int:
@@ -97,6 +98,9 @@ class Experiment:
                 val_size=spec.val_size,
                 split_seed=spec.seed,
                 augment=spec.augment,
+                workers=spec.workers,
+                bad_files=spec.bad_files,
+                image_size=spec.image_size,
             )
         )
         shape, classes = self.data.input_shape, self.data.num_classes
@@ -105,6 +109,14 @@ class Experiment:
             def model_fn(seed: int) -> nn.Module:
                 return build(spec.model, shape, classes, spec.width, spec.init, seed)
 
+        if spec.prunable or spec.prunable_exclude:
+            # every model the run builds carries the selection, so each mask made from it
+            # (Mask.dense), each criterion and allocation prunes the selected parameters
+            chosen = model_fn
+
+            def model_fn(seed: int) -> nn.Module:
+                return set_prunable(chosen(seed), spec.prunable, spec.prunable_exclude)
+
         self.model_fn = model_fn
         self.spe = steps_per_epoch(self.data, spec.batch_size)
         self.res: Resolved = resolve(spec, self.spe)
@@ -112,7 +124,9 @@ class Experiment:
         if model_id is not None:
             self.identity["model"] = model_id
         if data is not None:
-            self.identity["dataset"] = f"{data.name}:{len(data.y_train)}"
+            self.identity["dataset"] = f"{data.name}:{data.n_train}"
+        elif getattr(self.data, "fingerprint", ""):  # files read from --data-dir
+            self.identity["dataset"] = f"{spec.dataset}:{self.data.fingerprint}"
         self.hash = spec_hash(self.identity)
         self._told: set[str] = set()  # what --vectorize could not stack, said once
         # Build once now, so bad layer names fail before anything is written.
@@ -150,7 +164,7 @@ class Experiment:
         backward), f_S from :func:`ticketlab.metrics.forward_flops` at the mask's
         per-layer densities, exactly as ``ticketlab dst`` counts a static mask."""
         if getattr(self, "_train_macs", None) is None:
-            self._train_macs = layer_macs(self.model_fn(0), self.data.input_shape)
+            self._train_macs = layer_macs(self.model_fn(0), self.data.probe_input())
         f_s = forward_flops(self._train_macs, mask.layer_density())
         per_example = train_flops_per_step("static", f_s, forward_flops(self._train_macs))
         return per_example * steps * (batch_size or self.spec.batch_size)
@@ -165,7 +179,8 @@ class Experiment:
             batch_size=self.spec.batch_size,
             generator=generator,
             init_state=init_state,
-            input_shape=tuple(self.data.input_shape),
+            input_shape=self.data.input_shape,
+            loss_fn=self.spec.loss_fn if self.spec.loss_fn is not None else F.cross_entropy,
         )
 
     # the run ----------------------------------------------------------------
@@ -360,7 +375,7 @@ class Experiment:
             "variant": variant,
             "density": mask.density(),
             "density_all": model_density(model),
-            **sparsity_metrics(model, mask, self.data.input_shape),
+            **sparsity_metrics(model, mask, self.data.probe_input()),
             **metrics,
             "status": "done",
         }
@@ -438,6 +453,7 @@ class Experiment:
         """Whether the items ``todo`` can train as one stack; if not, say why, once."""
         first = items[todo[0]]
         reason = why_not_vectorized([items[i]["model"] for i in todo])
+        reason = reason or why_not_vectorized_run(self.spec, self.data)
         if reason is None and any(items[i]["phase"] != first["phase"] for i in todo):
             reason = "the variants train different phases"
         if reason is None and any(items[i].get("callbacks") for i in todo):

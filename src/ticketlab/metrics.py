@@ -33,14 +33,20 @@ import time
 import torch
 from torch import nn
 
+from .data import structure
 from .masks import PRUNABLE_TYPES, Mask
 
 # multiply-adds and FLOPs ----------------------------------------------------------------------
 
 
 @torch.no_grad()
-def layer_macs(model: nn.Module, input_shape: tuple) -> dict[str, int]:
-    """Dense multiply-adds of one example in each prunable layer, from one hooked forward."""
+def layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
+    """Dense multiply-adds of one example in each prunable layer, from one hooked forward.
+
+    ``input_shape`` is one example's shape (a zero input is fed), or the input itself: a
+    batch of one, a tensor, tuple or dict (integer token ids cannot be made up from a
+    shape). Linear and Conv layers are counted; MultiheadAttention's in-projections are not.
+    """
     out_sizes: dict[str, torch.Size] = {}
     handles = []
     for mod_name, module in model.named_modules():
@@ -55,7 +61,10 @@ def layer_macs(model: nn.Module, input_shape: tuple) -> dict[str, int]:
     model.eval()
     try:
         device = next(model.parameters()).device
-        model(torch.zeros((1, *input_shape), device=device))
+        if isinstance(input_shape, (tuple, list)) and all(isinstance(d, int) for d in input_shape):
+            model(torch.zeros((1, *input_shape), device=device))
+        else:
+            structure.call(model, structure.to_device(input_shape, device))
     finally:
         model.train(was_training)
         for h in handles:
@@ -110,7 +119,7 @@ def compression_ratio(model: nn.Module) -> float:
 
 def flops_speedup(model: nn.Module, mask: Mask, input_shape: tuple) -> float:
     """Dense over remaining multiply-adds of one forward pass (Linear and Conv layers)."""
-    macs = layer_macs(model, tuple(input_shape))
+    macs = layer_macs(model, input_shape)
     densities = {n: d for n, d in mask.layer_density().items() if n in macs}
     dense, sparse = forward_flops(macs), forward_flops(macs, densities)
     return dense / sparse if sparse else math.inf
@@ -121,6 +130,8 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     for module in model.modules():
         if hasattr(module, "shortcut") or "resnet" in type(module).__name__.lower():
             return None
+        if isinstance(module, (nn.MultiheadAttention, nn.Embedding)):
+            return None  # attention mixes positions: no chain of units
     out = []
     for mod_name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES) and module.weight is not None:
@@ -147,8 +158,8 @@ def _link(prev_out: int, n_in: int) -> int | None:
 def effective_mask(model: nn.Module, mask: Mask) -> Mask | None:
     """The kept weights that lie on an input-to-output path; None for a non-chain network."""
     layers = _layers(model)
-    if layers is None:
-        return None
+    if layers is None or any(n not in dict(layers) for n in mask.names()):
+        return None  # not a chain, or parameters beyond Linear and Conv weights are masked
     conn = []
     for name, module in layers:
         w = module.weight

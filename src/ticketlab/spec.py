@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from .errors import UsageError
@@ -43,8 +44,14 @@ NOT_HASHED = frozenset(
         "checkpoint_seconds",
         "jobs",
         "vectorize",  # the same training as stacks: results agree to float tolerance
+        "workers",
+        # callables cannot be hashed or stored: `objective` names them in the hash
+        "loss_fn",
+        "metrics_fn",
     }
 )
+# Fields that are never written to spec.json (not JSON values).
+CALLABLE_FIELDS = ("loss_fn", "metrics_fn")
 # Knobs a dense baseline does not use.
 PRUNING_FIELDS = frozenset(
     {
@@ -121,6 +128,11 @@ class Spec:
     val_size: int | None = None  # None: the dataset's default
     augment: bool | None = None  # None: the dataset's default (on for CIFAR-10)
     data_dir: str | None = None
+    # data read while training (imagefolder): DataLoader worker processes (the batches are
+    # a function of seed and step, not of this), what a bad image does, the image side
+    workers: int = 0
+    bad_files: str = "fail"
+    image_size: int | None = None
     # model
     model: str = "lenet_300_100"
     width: float = 1.0
@@ -155,6 +167,22 @@ class Spec:
     init_seed: int | None = None
     data_seed: int | None = None
     aug_seed: int | None = None
+    # objective (Python API): loss_fn(outputs, targets) -> scalar mean loss, and
+    # metrics_fn(outputs, targets) -> {name: batch mean} in place of accuracy; None: the
+    # cross-entropy and accuracy of classification. `objective` names them in the run's
+    # hash (default: each callable's module and qualified name; see objective_name)
+    loss_fn: Callable | None = None
+    metrics_fn: Callable | None = None
+    objective: str | None = None
+    # the evaluation that selects the best step (early stopping): val_loss (lowest) or
+    # val_<metric> (highest); a "min:" or "max:" prefix says which way explicitly
+    select: str = "val_loss"
+    # stop a phase after this many evaluations without a better `select` (0: never)
+    patience: int = 0
+    # what is prunable: module kinds (linear, conv, attention, embedding) and parameter-name
+    # globs; () is Linear and Conv weights. `prunable_exclude` removes kinds or globs.
+    prunable: tuple[str, ...] = ()
+    prunable_exclude: tuple[str, ...] = ()
     # pruning
     criterion: str = "magnitude"
     prune_fraction: float = 0.2
@@ -180,12 +208,58 @@ class Spec:
 
         # aliases (glorot_normal) must not change the run's hash
         object.__setattr__(self, "init", canonical_init(self.init))
-        for name in ("milestones", "dense_layers", "controls"):
+        for name in ("milestones", "dense_layers", "controls", "prunable", "prunable_exclude"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        from .masks.select import canonical_selection
+
+        inc, exc = canonical_selection(self.prunable, self.prunable_exclude)
+        object.__setattr__(self, "prunable", inc)
+        object.__setattr__(self, "prunable_exclude", exc)
+        if self.objective is None and (self.loss_fn is not None or self.metrics_fn is not None):
+            object.__setattr__(self, "objective", objective_name(self.loss_fn, self.metrics_fn))
         validate(self)
 
     def replace(self, **changes) -> Spec:
         return dataclasses.replace(self, **changes)
+
+
+def callable_name(fn) -> str:
+    """``module.qualname`` of a function, or of a callable object's class."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    qual = getattr(target, "__qualname__", None)
+    if qual is None or "<" in qual:
+        raise UsageError(
+            f"the objective {qual or fn!r} has no stable name (a lambda, a nested function or a "
+            "partial): give the spec objective='a name for it', which identifies the run"
+        )
+    return f"{getattr(target, '__module__', '?')}.{qual}"
+
+
+def objective_name(loss_fn, metrics_fn) -> str:
+    """The name a custom objective is hashed by: ``loss=<name>;metrics=<name>``.
+
+    Only the names are hashed, not the code: changing a function's body keeps its runs,
+    so rename it (or pass a new ``objective``) when its meaning changes.
+    """
+    parts = []
+    if loss_fn is not None:
+        parts.append("loss=" + callable_name(loss_fn))
+    if metrics_fn is not None:
+        parts.append("metrics=" + callable_name(metrics_fn))
+    return ";".join(parts)
+
+
+def select_key(select: str) -> tuple[str, bool]:
+    """``(key, lower_is_better)`` of a ``select`` value (see :class:`Spec`)."""
+    mode, sep, key = select.partition(":")
+    if not sep:
+        key, mode = select, ""
+    if mode not in ("", "min", "max") or not key.startswith("val_") or len(key) <= 4:
+        raise UsageError(
+            f"select must be val_loss or val_<metric> (optionally min:/max:); got {select!r}"
+        )
+    lower = key == "val_loss" if not mode else mode == "min"
+    return key, lower
 
 
 def _choice(name: str, value: str, choices) -> None:
@@ -229,6 +303,11 @@ def validate(spec: Spec) -> None:
     _choice("amp", spec.amp, ("none", "bf16"))
     if spec.compile and spec.vectorize:
         raise UsageError("--compile and --vectorize do not combine yet: give one of them")
+    _choice("bad-files", spec.bad_files, ("fail", "skip"))
+    if isinstance(spec.workers, bool) or not isinstance(spec.workers, int) or spec.workers < 0:
+        raise UsageError(f"workers must be an integer >= 0; got {spec.workers}")
+    if spec.image_size is not None and spec.image_size < 1:
+        raise UsageError(f"image size must be >= 1; got {spec.image_size}")
     from .pruning.criteria import CRITERIA, criterion_names  # lazy: no import cycle
 
     allowed = criterion_names(spec.method)
@@ -295,6 +374,17 @@ def validate(spec: Spec) -> None:
         raise UsageError("--vectorize and --jobs N are alternatives: give one of them")
     if spec.nesterov and spec.optimizer != "sgd":
         raise UsageError("nesterov needs --optimizer sgd")
+    key, _ = select_key(spec.select)
+    if key not in ("val_loss", "val_accuracy") and spec.metrics_fn is None and spec.loss_fn is None:
+        raise UsageError(
+            f"select {spec.select!r}: the classification objective reports val_loss and "
+            "val_accuracy only; a metrics_fn adds others"
+        )
+    if isinstance(spec.patience, bool) or not isinstance(spec.patience, int) or spec.patience < 0:
+        raise UsageError(f"patience must be an integer >= 0; got {spec.patience}")
+    for fn, what in ((spec.loss_fn, "loss_fn"), (spec.metrics_fn, "metrics_fn")):
+        if fn is not None and not callable(fn):
+            raise UsageError(f"{what} must be callable; got {fn!r}")
 
 
 def spec_fields(cls: type = None) -> dict[str, dataclasses.Field]:
@@ -373,6 +463,8 @@ def resolve(spec: Spec, steps_per_epoch: int) -> Resolved:
 def resolved_dict(spec: Spec, steps_per_epoch: int) -> dict:
     """All fields, with step strings replaced by iterations."""
     d = dataclasses.asdict(spec)
+    for name in CALLABLE_FIELDS:  # named by `objective`
+        d.pop(name, None)
     r = resolve(spec, steps_per_epoch)
     for name in ("steps", "warmup", "eval_every", "rewind"):
         d[name] = getattr(r, name)

@@ -13,6 +13,7 @@ nothing syncs with ``.item()`` between evaluations.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -26,13 +27,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .data import BatchSampler, Dataset
+from .data import BatchSampler, Dataset, structure
 from .distributed import data_parallel
 from .errors import DataError, Diverged, RunInterrupted, UsageError
 from .masks import Mask, MaskKeeper
 from .masks.sparse import SparseKernels, choose_kernels
 from .runs import atomic_path, pack_state, read_state_file
-from .spec import Resolved, Spec, resolve
+from .spec import Resolved, Spec, resolve, select_key
 
 # Set by the signal handler; read once per step.
 _stop_requested = False
@@ -82,7 +83,7 @@ def clear_stop() -> None:
 
 
 def steps_per_epoch(data: Dataset, batch_size: int) -> int:
-    n = len(data.y_train)
+    n = data.n_train
     if batch_size > n:
         raise UsageError(f"batch size {batch_size} exceeds the {n} training examples")
     return n // batch_size
@@ -128,22 +129,83 @@ def make_optimizer(model: nn.Module, spec: Spec, params=None) -> torch.optim.Opt
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused or None)
 
 
+def accuracy_metrics(outputs: torch.Tensor, targets: torch.Tensor) -> dict:
+    """``{"accuracy": ...}`` of logits (N, C) against class indices: a ``metrics_fn`` for a
+    custom classification loss."""
+    return {"accuracy": (outputs.argmax(1) == targets).float().mean()}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
-    """Mean loss and accuracy; (nan, nan) on an empty split."""
-    if len(y) == 0:
-        return float("nan"), float("nan")
+def evaluate_batches(model: nn.Module, batches, loss_fn=None, metrics_fn=None) -> dict:
+    """``{"loss": mean, <metric>: mean, ...}`` over ``batches`` of (inputs, targets).
+
+    Without ``loss_fn`` and ``metrics_fn``: cross-entropy and accuracy, summed exactly.
+    ``loss_fn`` and each value of ``metrics_fn`` are batch means, weighted here by the
+    batch size (exact for per-example means). NaN for every value on no examples.
+    """
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for i in range(0, len(y), batch_size):
-        out = model(x[i : i + batch_size])
-        yy = y[i : i + batch_size]
-        loss += F.cross_entropy(out, yy, reduction="sum").double()
-        correct += (out.argmax(1) == yy).sum()
+    loss = correct = None
+    sums: dict = {}
+    count = 0
+    for x, yy in batches:
+        out = structure.call(model, x)
+        n = structure.length(yy)
+        if loss is None:
+            dev = structure.leaves(yy)[0].device
+            loss = torch.zeros((), dtype=torch.float64, device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+        if loss_fn is None:
+            loss += F.cross_entropy(out, yy, reduction="sum").double()
+        else:
+            loss += loss_fn(out, yy).detach().double() * n
+        if metrics_fn is None and loss_fn is None:
+            correct += (out.argmax(1) == yy).sum()
+        elif metrics_fn is not None:
+            for k, v in metrics_fn(out, yy).items():
+                v = torch.as_tensor(v).detach().double().to(loss.device) * n
+                sums[k] = sums[k] + v if k in sums else v
+        count += n
     model.train(was_training)
-    return float(loss) / len(y), int(correct) / len(y)
+    if metrics_fn is None and loss_fn is None:
+        if not count:
+            return {"loss": float("nan"), "accuracy": float("nan")}
+        return {"loss": float(loss) / count, "accuracy": int(correct) / count}
+    if not count:  # the metrics' names are unknown without a batch
+        return {"loss": float("nan")}
+    return {"loss": float(loss) / count, **{k: float(v) / count for k, v in sums.items()}}
+
+
+def _tensor_batches(x, y, batch_size: int):
+    for i in range(0, structure.length(y), batch_size):
+        yield structure.rows(x, i, i + batch_size), structure.rows(y, i, i + batch_size)
+
+
+def evaluate(
+    model: nn.Module, x, y, batch_size: int = 1000, loss_fn=None, metrics_fn=None
+) -> tuple[float, float] | dict:
+    """Mean loss and accuracy; (nan, nan) on an empty split. With ``loss_fn`` or
+    ``metrics_fn``, the dict of :func:`evaluate_batches`."""
+    res = evaluate_batches(model, _tensor_batches(x, y, batch_size), loss_fn, metrics_fn)
+    if loss_fn is None and metrics_fn is None:
+        return res["loss"], res["accuracy"]
+    return res
+
+
+def best_row(rows: list[dict], select: str) -> dict:
+    """The evaluation ``select`` picks (lowest loss, highest metric; ties: the earliest);
+    the last row when none has a finite value."""
+    key, lower = select_key(select)
+    valid = [r for r in rows if key in r and not math.isnan(r[key])]
+    if not valid:
+        return rows[-1]
+    return min(valid, key=lambda r: r[key]) if lower else max(valid, key=lambda r: r[key])
+
+
+def _stale(rows: list[dict], select: str) -> int:
+    """Evaluations since the best one."""
+    best = best_row(rows, select)
+    return sum(1 for r in rows if r["step"] > best["step"])
 
 
 def mix_seed(seed: int, step: int) -> int:
@@ -349,11 +411,28 @@ def train(
     snapshot_steps = set(snapshot_steps)
     checkpoint_steps = set(checkpoint_steps)
     device = next(model.parameters()).device
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    evals = [
-        ("val", data.x_val.to(device), data.y_val.to(device)),
-        ("test", data.x_test.to(device), data.y_test.to(device)),
-    ]
+    loss_fn, metrics_fn = spec.loss_fn, spec.metrics_fn
+    objective = loss_fn if loss_fn is not None else F.cross_entropy
+    # streamed data (a map-style dataset read by DataLoader workers) or tensors in memory
+    streamed = hasattr(data, "train_stream")
+    if streamed:
+        x_train = y_train = None
+        evals = [
+            (split, functools.partial(data.eval_batches, split, spec.eval_batch_size, device))
+            for split in ("val", "test")
+        ]
+    else:
+        x_train = structure.to_device(data.x_train, device)
+        y_train = structure.to_device(data.y_train, device)
+        evals = [
+            (split, functools.partial(_tensor_batches, *xy, spec.eval_batch_size))
+            for split, xy in (
+                ("val", (structure.to_device(data.x_val, device),
+                         structure.to_device(data.y_val, device))),
+                ("test", (structure.to_device(data.x_test, device),
+                          structure.to_device(data.y_test, device))),
+            )
+        ]  # fmt: skip
 
     # under torchrun: this rank's share of every global batch, gradients averaged by DDP
     dp = data_parallel()
@@ -379,18 +458,24 @@ def train(
     workdir = Path(workdir) if workdir is not None else None
     ckpt = workdir / "checkpoint.safetensors" if workdir else None
     metrics_path = workdir / "metrics.jsonl" if workdir else None
+    select = select_key(spec.select)[0]
     rows: list[dict] = []
     step, seconds = start, 0.0
     sparse, sparse_layers = None, None  # CSR kernels of the phase, set below
 
-    def record(at: int) -> None:
+    def record(at: int, extra: dict | None = None) -> None:
         row: dict = {"step": at}
         # evaluated as the dense path evaluates: dense weights, dense forward
         with sparse.dense_view() if sparse is not None else contextlib.nullcontext():
-            for split, x, y in evals:
-                row[f"{split}_loss"], row[f"{split}_accuracy"] = evaluate(
-                    model, x, y, spec.eval_batch_size
-                )
+            for split, batches in evals:
+                for k, v in evaluate_batches(model, batches(), loss_fn, metrics_fn).items():
+                    row[f"{split}_{k}"] = v
+        if not rows and not math.isnan(row["val_loss"]) and select not in row:
+            raise UsageError(
+                f"select {spec.select!r}: the evaluation reports "
+                + ", ".join(k for k in row if k.startswith("val_"))
+            )
+        row.update(extra or {})
         rows.append(row)
         if metrics_path is not None:
             with open(metrics_path, "a") as f:
@@ -411,7 +496,13 @@ def train(
             on_snapshot(step, model)
         record(step)
 
-    sampler = BatchSampler(len(y_train), spec.batch_size, data_seed)
+    if streamed:  # resumable: the loader starts at `step`, with the batches it would have
+        stream = data.train_stream(spec.batch_size, data_seed, aug_seed, step, end, device)
+        probe = stream.peek()
+    else:
+        stream = None
+        sampler = BatchSampler(data.n_train, spec.batch_size, data_seed)
+        probe = structure.rows(x_train, 0, spec.batch_size)
     augment = data.augment is not None
     gen = torch.Generator(device="cpu")
     task = progress.add_task(label, total=end - start, completed=step - start) if progress else None
@@ -421,7 +512,7 @@ def train(
     epoch_end = [c.on_epoch_end for c in callbacks if hasattr(c, "on_epoch_end")]
     if dp is None and spec.amp == "none" and not spec.compile:
         sparse, sparse_layers = _sparse_kernels(
-            model, mask, spec, optimizer, callbacks, x_train[: spec.batch_size], sparse_layers
+            model, mask, spec, optimizer, callbacks, probe, sparse_layers
         )
     else:  # DDP reduces the dense gradients (a choice by timing would differ per rank);
         # autocast and the compiler work on the dense layers
@@ -435,6 +526,9 @@ def train(
     loop_start = step
     broken = torch.zeros((), dtype=torch.bool, device=device)
     clean = torch.zeros((), dtype=torch.int64, device=device)
+    # streamed data: the training loss since the last evaluation, and the throughput
+    run_loss = torch.zeros((), dtype=torch.float64, device=device)
+    run_steps, run_t0 = 0, time.perf_counter()
     while step < end:
         # what steps: the sparse kernels' optimizer over kept values, or the dense one
         opt = optimizer if sparse is None else sparse.optimizer
@@ -443,16 +537,26 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             current_lr = lr
-        idx = sampler.indices(step)
-        if dp is not None:
-            idx = dp.shard(idx)
-        idx = idx.to(device)
-        x, y = x_train.index_select(0, idx), y_train.index_select(0, idx)
-        if augment:
-            gen.manual_seed(mix_seed(aug_seed, step))
-            x = data.augment_batch(x, gen)
+        if stream is None:
+            idx = sampler.indices(step)
+            if dp is not None:
+                idx = dp.shard(idx)
+            idx = idx.to(device)
+            x, y = structure.take(x_train, idx), structure.take(y_train, idx)
+            if augment:
+                gen.manual_seed(mix_seed(aug_seed, step))
+                x = data.augment_batch(x, gen)
+        else:
+            x, y = stream.batch(step)
+            if dp is not None:  # every rank reads the global batch, then takes its part
+                part = spec.batch_size // dp.world
+                lo = dp.rank * part
+                x, y = structure.rows(x, lo, lo + part), structure.rows(y, lo, lo + part)
         with autocast:
-            loss = F.cross_entropy(net(x), y)
+            loss = objective(structure.call(net, x), y)
+        if stream is not None:
+            run_loss += loss.detach().double()
+            run_steps += 1
         broken |= ~torch.isfinite(loss.detach())
         clean += ~broken
         opt.zero_grad(set_to_none=True)
@@ -509,7 +613,13 @@ def train(
             if sparse is not None:  # checkpoints hold the dense weights and optimizer state
                 sparse.write_back()
             if evaluating:
-                record(step)
+                extra = None
+                if stream is not None:
+                    extra = stream.throughput(run_steps, time.perf_counter() - run_t0)
+                    extra["train_loss"] = float(run_loss) / max(run_steps, 1)
+                    run_loss.zero_()
+                    run_steps, run_t0 = 0, time.perf_counter()
+                record(step, extra)
             if ckpt is not None and (checkpointing or stopping):
                 elapsed = seconds + time.perf_counter() - t0
                 extra = {"train_seconds": elapsed, "sparse_layers": sparse_layers}
@@ -523,17 +633,26 @@ def train(
                 saved = "checkpoint saved" if ckpt is not None else "no checkpoint kept"
                 if sparse is not None:
                     sparse.close()
+                if stream is not None:
+                    stream.close()
                 raise RunInterrupted(f"interrupted at step {step}; {saved}")
+            if evaluating and spec.patience and _stale(rows, spec.select) >= spec.patience:
+                break  # early stopping: `patience` evaluations without a better `select`
     seconds += time.perf_counter() - t0
+    if stream is not None:
+        stream.close()
     if sparse is not None:  # the dense weights hold the result, as on the dense path
         sparse.close()
     if task is not None:
         progress.update(task, completed=end - start, visible=False)
 
     final = dict(rows[-1])
+    best = best_row(rows, spec.select)
+    if loss_fn is not None or metrics_fn is not None or streamed:
+        return _custom_result(
+            model, data, spec, rows, best, x_train, y_train, step - start, seconds, sparse_layers
+        )
     train_loss, train_acc = evaluate(model, x_train, y_train, spec.eval_batch_size)
-    valid = [r for r in rows if not math.isnan(r["val_loss"])]
-    best = min(valid, key=lambda r: r["val_loss"]) if valid else rows[-1]
     return {
         "test_accuracy": final["test_accuracy"],
         "test_loss": final["test_loss"],
@@ -543,7 +662,37 @@ def train(
         "test_accuracy_at_best_val": best["test_accuracy"],
         "train_loss": train_loss,
         "train_accuracy": train_acc,
-        "steps": end - start,
+        "steps": step - start,
         "train_seconds": seconds,
         "kernels": "sparse:" + ",".join(sparse_layers) if sparse_layers else "dense",
     }
+
+
+def _custom_result(model, data, spec, rows, best, x_train, y_train, steps, seconds, sparse_layers):
+    """The result of a phase with a custom objective or streamed data: every evaluated
+    value at the end, the test values at the best step by ``spec.select``, and training
+    values (streamed data: the mean training loss since the last evaluation, which costs no
+    extra pass over a large set)."""
+    final = rows[-1]
+    out = {k: v for k, v in final.items() if k.startswith(("test_", "val_"))}
+    out["best_val_step"] = best["step"]
+    for k, v in best.items():
+        if k.startswith("test_"):
+            out[f"{k}_at_best_val"] = v
+    if x_train is not None:
+        res = evaluate_batches(
+            model,
+            _tensor_batches(x_train, y_train, spec.eval_batch_size),
+            spec.loss_fn,
+            spec.metrics_fn,
+        )
+        out.update({f"train_{k}": v for k, v in res.items()})
+    else:
+        out["train_loss"] = final.get("train_loss", float("nan"))
+    out.update(
+        steps=steps,
+        train_seconds=seconds,
+        kernels="sparse:" + ",".join(sparse_layers) if sparse_layers else "dense",
+        select=spec.select,
+    )
+    return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from .masks import Mask
 from .runs import atomic_path
 from .spec import Spec, resolve
 from .train import (
+    best_row,
     clear_stop,
     evaluate,
     load_checkpoint,
@@ -88,6 +88,19 @@ def why_not_vectorized(models: list[nn.Module], callbacks=()) -> str | None:
     return None
 
 
+def why_not_vectorized_run(spec: Spec, data: Dataset) -> str | None:
+    """What in a training setup keeps it off the stacked path (None: nothing)."""
+    if spec.loss_fn is not None or spec.metrics_fn is not None:
+        return "a custom objective is evaluated one model at a time"
+    if hasattr(data, "train_stream"):
+        return "streamed data is read for one model at a time"
+    if not (torch.is_tensor(data.x_train) and torch.is_tensor(data.y_train)):
+        return "inputs or targets that are tuples or dicts"
+    if spec.patience:
+        return "early stopping by patience stops each copy at its own step"
+    return None
+
+
 class _SliceOptimizer:
     """The state of copy ``k`` in a stacked optimizer, as that copy's own optimizer's
     ``state_dict`` would be (for :func:`ticketlab.train.save_checkpoint`)."""
@@ -123,7 +136,7 @@ def train_stacked(
     or the :class:`~ticketlab.errors.Diverged` of a copy whose loss became non-finite
     (the others go on: each copy's gradient is its own loss's)."""
     models = [c.model for c in copies]
-    reason = why_not_vectorized(models)
+    reason = why_not_vectorized(models) or why_not_vectorized_run(spec, data)
     if reason:
         raise UsageError(f"cannot vectorise: {reason}")
     K = len(copies)
@@ -287,8 +300,7 @@ def train_stacked(
             continue
         final = dict(rows[k][-1])
         train_loss, train_acc = evaluate(c.model, x_train, y_train, spec.eval_batch_size)
-        valid = [r for r in rows[k] if not math.isnan(r["val_loss"])]
-        best = min(valid, key=lambda r: r["val_loss"]) if valid else rows[k][-1]
+        best = best_row(rows[k], spec.select)
         outcome[k] = {
             "test_accuracy": final["test_accuracy"],
             "test_loss": final["test_loss"],
@@ -481,4 +493,4 @@ def _stack(models: list[nn.Module]) -> _Stack:
     )
 
 
-__all__ = ["Copy", "train_stacked", "why_not_vectorized"]
+__all__ = ["Copy", "train_stacked", "why_not_vectorized", "why_not_vectorized_run"]

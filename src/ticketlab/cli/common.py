@@ -60,7 +60,44 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", help="dataset name (ticketlab list datasets)")
     g.add_argument("--data-dir", help="where the dataset files are")
     g.add_argument("--val-size", type=int, help="examples held out of training for validation")
-    toggle(g, "--augment", "crop+flip augmentation (default: on for CIFAR-10)")
+    toggle(
+        g,
+        "--augment",
+        "crop+flip augmentation (default: on for CIFAR-10 and imagefolder, which uses a "
+        "random-resized crop)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader worker processes that decode and augment imagefolder images "
+        "(default 0: in the training process); the batches do not depend on it",
+    )
+    g.add_argument(
+        "--bad-files",
+        help="an imagefolder image that cannot be decoded: fail (default, naming it) or skip",
+    )
+    g.add_argument("--image-size", type=int, help="imagefolder side (default: the first image's)")
+    g.add_argument(
+        "--prunable",
+        type=parse_list,
+        help="what may be pruned: kinds linear, conv, attention (MultiheadAttention "
+        "in-projections), embedding, and parameter-name globs, e.g. 'linear,attention' or "
+        "'*.in_proj_weight' (default: linear,conv weights)",
+    )
+    g.add_argument(
+        "--prunable-exclude", type=parse_list, help="kinds or globs left out of --prunable"
+    )
+    g.add_argument(
+        "--select",
+        help="evaluation that picks the best (early-stopping) step: val_loss (default, "
+        "lowest) or val_accuracy (highest)",
+    )
+    g.add_argument(
+        "--patience",
+        type=int,
+        help="stop a phase after this many evaluations without a better --select "
+        "(default 0: never)",
+    )
     g.add_argument("--steps", help="budget of each training phase: '50000it' or '40ep'")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optimizer", help="sgd, adam or rmsprop")

@@ -64,7 +64,13 @@ def cmd_list(what: str, sub=None) -> int:
         if section == "models":
             rows = describe_models()
         elif section == "datasets":
-            rows = describe_datasets()
+            rows = describe_datasets() + [
+                {
+                    "name": "imagefolder",
+                    "source": "files: --data-dir DIR with train/<class>/*.png|jpg, val/<class>/",
+                    "description": "images read while training by --workers processes (Pillow)",
+                }
+            ]
         elif section == "criteria":
             rows = [
                 {"name": k, "description": (f.__doc__ or "").strip().splitlines()[0]}

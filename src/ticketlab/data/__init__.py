@@ -1,17 +1,24 @@
-"""Datasets in memory, seeded batch order and batch augmentation."""
+"""Datasets in memory, seeded batch order and batch augmentation; map-style datasets and
+image folders read while training."""
 
+from . import structure
 from .augment import augment_crop_flip
 from .batching import BatchSampler, batch_indices
 from .dataset import Dataset, from_tensors
-from .registry import DATASETS, describe_datasets, load
+from .registry import DATASETS, STREAMED, describe_datasets, load
+from .streaming import StreamingData, from_datasets
 
 __all__ = [
     "DATASETS",
+    "STREAMED",
     "BatchSampler",
     "Dataset",
+    "StreamingData",
     "augment_crop_flip",
     "batch_indices",
     "describe_datasets",
+    "from_datasets",
     "from_tensors",
     "load",
+    "structure",
 ]

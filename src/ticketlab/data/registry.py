@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ticketlab.errors import DataError
 
 from . import generated, sources
-from .dataset import Dataset, build
+from .dataset import build
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,14 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+# read while training from --data-dir (ticketlab.data.folder), not held in memory
+STREAMED = ("imagefolder",)
+
+
 def get_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'; choose from: {', '.join(sorted(DATASETS))}")
+        names = ", ".join(sorted([*DATASETS, *STREAMED]))
+        raise DataError(f"unknown dataset '{name}'; choose from: {names}")
     return DATASETS[name]
 
 
@@ -110,13 +115,33 @@ def load(
     split_seed: int = 0,
     augment: bool | None = None,
     download_hint: bool = True,
-) -> Dataset:
+    *,
+    workers: int = 0,
+    bad_files: str = "fail",
+    image_size: int | None = None,
+):
     """Load a named dataset into memory, hold out `val_size` training examples (the dataset's
     default when None) by `split_seed`, and normalise with training-split statistics.
 
     `augment` None uses the dataset's default; True turns on crop/flip (image datasets only).
     `download_hint` adds how to obtain missing files to the not-found error.
+
+    ``imagefolder`` reads ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``
+    while training (a :class:`~ticketlab.data.streaming.StreamingData`), with ``workers``
+    DataLoader processes, ``bad_files`` ``fail`` or ``skip`` and ``image_size``.
     """
+    if name == "imagefolder":
+        from .folder import image_folder
+
+        return image_folder(
+            data_dir,
+            val_size=val_size,
+            split_seed=split_seed,
+            augment=augment,
+            workers=workers,
+            bad_files=bad_files,
+            image_size=image_size,
+        )
     info = get_info(name)
     x_train, y_train, x_test, y_test = info.read(data_dir, download_hint)
     if augment is None:

@@ -2,7 +2,9 @@
 
 A :class:`Mask` maps parameter names to boolean tensors (True = kept). By default
 the prunable parameters are the weights of Linear and Conv layers; biases,
-norms and embeddings are not pruned. Masks are applied *in place*: the weights
+norms and embeddings are not pruned unless a selection says so
+(:mod:`ticketlab.masks.select`: kinds such as ``attention`` and ``embedding``, and
+parameter-name globs). Masks are applied *in place*: the weights
 are zeroed once and again after every optimizer step (see :class:`MaskKeeper`),
 which keeps the state dict plain and the hot loop free of hooks.
 """
@@ -18,12 +20,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import DataError, UsageError
+from .select import kind_of, select, selection_of, set_prunable
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of Linear and Conv layers, by parameter name, in module order."""
+def prunable_weights(model: nn.Module, include=None, exclude=None) -> dict[str, nn.Parameter]:
+    """The prunable parameters by name, in module order: those of ``include``/``exclude``
+    (kinds and globs, see :func:`ticketlab.masks.select.select`) when given, else the
+    selection ``model`` carries (:func:`set_prunable`), else the weights of Linear and
+    Conv layers."""
+    if include is None and exclude is None:
+        include, exclude = selection_of(model)
+    if include or exclude:
+        return select(model, include or (), exclude or ())
     out = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES) and module.weight is not None:
@@ -44,7 +54,9 @@ def output_weight_name(model: nn.Module) -> str | None:
 
 
 def layer_kinds(model: nn.Module) -> dict[str, str]:
-    """'conv', 'fc' or 'output' for each prunable weight."""
+    """'conv', 'fc' or 'output' for each Linear and Conv weight; and for any other
+    prunable parameter of the model's selection, 'attention', 'embedding' or 'other'
+    (which prune at the plain per-level fraction)."""
     out_name = output_weight_name(model)
     kinds = {}
     for mod_name, module in model.named_modules():
@@ -56,6 +68,12 @@ def layer_kinds(model: nn.Module) -> dict[str, str]:
                 kinds[name] = "fc"
             else:
                 kinds[name] = "conv"
+    if selection_of(model) != ((), ()):
+        modules = dict(model.named_modules())
+        for name in prunable_weights(model):
+            if name not in kinds:
+                mod_name, _, param = name.rpartition(".")
+                kinds[name] = kind_of(modules[mod_name], param) or "other"
     return kinds
 
 
@@ -67,8 +85,14 @@ class Mask:
 
     # construction -------------------------------------------------------
     @classmethod
-    def dense(cls, model: nn.Module, names: Iterable[str] | None = None) -> Mask:
-        weights = prunable_weights(model)
+    def dense(
+        cls, model: nn.Module, names: Iterable[str] | None = None, include=None, exclude=None
+    ) -> Mask:
+        """All-ones over the prunable parameters: those of ``include``/``exclude`` (module
+        kinds ``linear``, ``conv``, ``attention``, ``embedding`` and parameter-name globs)
+        when given, else the model's selection (Linear and Conv weights by default); or
+        over ``names`` among them."""
+        weights = prunable_weights(model, include, exclude)
         if names is not None:
             names = list(names)
             missing = [n for n in names if n not in weights]
@@ -230,3 +254,15 @@ class MaskKeeper:
         pairs = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+
+__all__ = [
+    "PRUNABLE_TYPES",
+    "Mask",
+    "MaskKeeper",
+    "layer_kinds",
+    "model_density",
+    "output_weight_name",
+    "prunable_weights",
+    "set_prunable",
+]

@@ -21,8 +21,15 @@ the state dict); learnable scores are parameters
 named ``weight_scores`` (in the state dict and in ``model.parameters()``, so the
 training loop's optimizer and checkpoints pick them up).
 
-A subclass of Linear whose own forward does not call ``self.weight`` through
-this path (``MultiheadAttention``'s ``out_proj``) is not masked by it.
+Any other prunable parameter (a selection's ``attention`` in-projections, an
+``embedding``, a parameter named by a glob), and the ``out_proj`` of a
+``MultiheadAttention`` (whose weight the attention reads itself, never calling the
+Linear's forward), is masked by the module that reads it: the outermost
+``MultiheadAttention`` or Transformer layer above it (their inference fast path reads
+every sublayer's weights directly), else its own module gets an instance ``forward`` that
+puts ``param * m`` in the parameter's place for the call and the parameter back after
+(the gradient reaches the parameter through the product). Its mask and scores are
+``<param>_fmask`` and ``<param>_scores`` on the parameter's module.
 """
 
 from __future__ import annotations
@@ -42,8 +49,6 @@ MODES = ("fixed", "topk", "bernoulli")
 # reference samples at test time), the deterministic threshold sigmoid(s) > 0.5, or the
 # soft sigmoid(s), which is not a supermask (weights scaled by values in (0, 1))
 EVAL_MASKS = ("sampled", "threshold", "expected")
-_MASK = "weight_fmask"
-_SCORES = "weight_scores"
 
 
 class _TopK(torch.autograd.Function):
@@ -82,6 +87,58 @@ def _conv_forward(self, x):
     return self._conv_forward(x, w, self.bias)
 
 
+def _swap_forward(self, *args, **kwargs):
+    """The class's forward with each masked parameter it reads replaced by ``param * m``."""
+    handle = self._fmask_handle
+    saved = []
+    try:
+        for name in self._fmask_swaps:
+            module, pname = handle.modules[name], handle.pnames[name]
+            p = module._parameters[pname]
+            saved.append((module, pname, p))
+            # a plain tensor in the parameter's slot for this call: attribute reads see it
+            module._parameters[pname] = p * handle._factor(name, module)
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        for module, pname, p in saved:
+            module._parameters[pname] = p
+
+
+# Modules that read their sublayers' weights themselves: MultiheadAttention its out_proj's;
+# the Transformer layers all of theirs, on their inference fast path (eval, no grad).
+READ_DIRECTLY = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+
+
+def _attr(pname: str, suffix: str) -> str:
+    """``weight_fmask``/``weight_scores`` for a weight, ``<param>_fmask`` for others."""
+    return f"{pname}_{suffix}"
+
+
+def _caller(model: nn.Module, name: str, modules: dict) -> tuple[str, bool]:
+    """The module whose forward must mask parameter ``name``, and whether it is the
+    parameter's own Linear or Conv layer (masked by the usual instance forward)."""
+    mod_name, _, pname = name.rpartition(".")
+    parts = mod_name.split(".") if mod_name else []
+    attention = None  # the outermost attention that contains it
+    for i in range(len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if isinstance(modules[prefix], READ_DIRECTLY):
+            attention = prefix
+            break
+    if attention is not None:
+        return attention, False
+    owner = modules[mod_name]
+    own = pname == "weight" and isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return mod_name, own
+
+
 class MaskedWeights:
     """The handle of a forward-pass mask on a model (see :func:`attach`).
 
@@ -116,7 +173,9 @@ class MaskedWeights:
         self.eval_seed = eval_seed
         self.generator: torch.Generator | None = None
         self._eval_u: dict[str, Tensor] | None = None
-        self.modules: dict[str, nn.Module] = {}
+        self.modules: dict[str, nn.Module] = {}  # the module holding each masked parameter
+        self.pnames: dict[str, str] = {}  # the parameter's name in it
+        self._callers: list[nn.Module] = []  # modules given an instance forward
         self._override: dict[str, Tensor] | None = None
         self._attached = False
 
@@ -125,8 +184,8 @@ class MaskedWeights:
         if self._override is not None:
             return self._override[name]
         if self.mode == "fixed":
-            return getattr(module, _MASK)
-        scores = getattr(module, _SCORES)
+            return self._mask_of(name)
+        scores = self._scores_of(name)
         if self.mode == "topk":
             # through abs, as the reference ranks |scores|: d|s|/ds = sign(s)
             return _TopK.apply(scores.abs(), self.density)
@@ -150,16 +209,29 @@ class MaskedWeights:
         if self._eval_u is None:  # all layers at once, in a fixed order: call order is moot
             gen = torch.Generator().manual_seed(self.eval_seed)
             self._eval_u = {
-                n: torch.rand(getattr(m, _SCORES).shape, generator=gen)
-                for n, m in self.modules.items()
+                n: torch.rand(self._scores_of(n).shape, generator=gen) for n in self.modules
             }
         u = self._eval_u[name].to(scores.device)
         return u < torch.sigmoid(scores.detach())
 
+    def _mask_of(self, name: str) -> Tensor:
+        return getattr(self.modules[name], _attr(self.pnames[name], "fmask"))
+
+    def _scores_of(self, name: str) -> Tensor:
+        return getattr(self.modules[name], _attr(self.pnames[name], "scores"))
+
     # public ------------------------------------------------------------------
+    def weight(self, name: str) -> nn.Parameter:
+        """The dense parameter behind masked ``name``."""
+        return self.modules[name]._parameters[self.pnames[name]]
+
     @property
     def scores(self) -> dict[str, nn.Parameter]:
-        return {n: getattr(m, _SCORES) for n, m in self.modules.items() if hasattr(m, _SCORES)}
+        return {
+            n: self._scores_of(n)
+            for n, m in self.modules.items()
+            if hasattr(m, _attr(self.pnames[n], "scores"))
+        }
 
     def names(self) -> list[str]:
         return list(self.modules)
@@ -174,12 +246,12 @@ class MaskedWeights:
         unknown = [k for k in mask.names() if k not in self.modules]
         if unknown:
             raise UsageError(f"mask names weights the model does not mask: {', '.join(unknown)}")
-        for name, module in self.modules.items():
-            w = module.weight
+        for name in self.modules:
+            w = self.weight(name)
             m = mask[name] if name in mask else torch.ones(w.shape, dtype=torch.bool)
             if tuple(m.shape) != tuple(w.shape):
                 raise UsageError(f"mask for {name} has shape {tuple(m.shape)}, weight {w.shape}")
-            getattr(module, _MASK).copy_(m.to(device=w.device, dtype=w.dtype))
+            self._mask_of(name).copy_(m.to(device=w.device, dtype=w.dtype))
         self._override = None
 
     def set_factors(self, factors: dict[str, Tensor] | None) -> None:
@@ -195,13 +267,13 @@ class MaskedWeights:
         (sampled from ``eval_seed`` or thresholded; ``expected`` saves the threshold)."""
         self._need_attached()
         out = {}
-        for name, module in self.modules.items():
+        for name in self.modules:
             if self.mode == "fixed":
-                out[name] = getattr(module, _MASK) != 0
+                out[name] = self._mask_of(name) != 0
             elif self.mode == "topk":
-                out[name] = topk_mask(getattr(module, _SCORES), self.density)
+                out[name] = topk_mask(self._scores_of(name), self.density)
             else:
-                out[name] = self._binary(name, getattr(module, _SCORES))
+                out[name] = self._binary(name, self._scores_of(name))
         return Mask({k: v.cpu() for k, v in out.items()})
 
     def expected_density(self) -> float:
@@ -218,14 +290,17 @@ class MaskedWeights:
         self._need_attached()
         mask = self.current_mask() if bake else None
         for name, module in self.modules.items():
-            w = module.weight
+            w = self.weight(name)
             if bake:
                 w.mul_(mask[name].to(device=w.device, dtype=w.dtype))
             for attr in ("forward", "_fmask_handle", "_fmask_name"):
                 module.__dict__.pop(attr, None)
-            for attr in (_MASK, _SCORES):
+            for attr in (_attr(self.pnames[name], "fmask"), _attr(self.pnames[name], "scores")):
                 module._buffers.pop(attr, None)
                 module._parameters.pop(attr, None)
+        for caller in self._callers:
+            for attr in ("forward", "_fmask_handle", "_fmask_swaps"):
+                caller.__dict__.pop(attr, None)
         self._attached = False
         self._override = None
         return self.model
@@ -282,7 +357,8 @@ def attach(
     if not 0.0 < density <= 1.0:
         raise UsageError(f"density must be in (0, 1]; got {density}")
     weights = prunable_weights(model)
-    if names is not None:
+    if names is not None:  # any parameters, e.g. those a mask made with a selection names
+        weights = dict(model.named_parameters())
         missing = [n for n in names if n not in weights]
         if missing:
             raise UsageError(f"not prunable weights: {', '.join(missing)}")
@@ -292,25 +368,41 @@ def attach(
             raise UsageError("scores must name exactly the masked weights")
     modules = dict(model.named_modules())
     handle = MaskedWeights(model, mode, density, eval_mask, rescale, eval_seed)
+    swaps: dict[str, list[str]] = {}
     for name, w in weights.items():
-        module = modules[name.rsplit(".", 1)[0] if "." in name else ""]
-        if "forward" in module.__dict__ or hasattr(module, _MASK) or hasattr(module, _SCORES):
+        mod_name, _, pname = name.rpartition(".")
+        module = modules[mod_name]
+        mask_attr, scores_attr = _attr(pname, "fmask"), _attr(pname, "scores")
+        caller, own = _caller(model, name, modules)
+        if (
+            hasattr(module, mask_attr)
+            or hasattr(module, scores_attr)
+            or ("forward" in modules[caller].__dict__ and caller not in swaps)
+        ):
             raise UsageError(f"{name} already has a forward mask or its own forward")
         if mode == "fixed":
             module.register_buffer(
-                _MASK, torch.ones(w.shape, dtype=w.dtype, device=w.device), persistent=False
+                mask_attr, torch.ones(w.shape, dtype=w.dtype, device=w.device), persistent=False
             )
         else:
             s = scores[name]
             if tuple(s.shape) != tuple(w.shape):
                 raise UsageError(f"scores for {name} have shape {tuple(s.shape)}, weight {w.shape}")
             param = nn.Parameter(s.detach().to(device=w.device, dtype=w.dtype).clone())
-            module.register_parameter(_SCORES, param)
-        handle.modules[name] = module
-        # a bound method (not a closure) so that deepcopy rebinds it to the copy
-        fwd = _linear_forward if isinstance(module, nn.Linear) else _conv_forward
-        module._fmask_handle, module._fmask_name = handle, name
-        module.forward = types.MethodType(fwd, module)
+            module.register_parameter(scores_attr, param)
+        handle.modules[name], handle.pnames[name] = module, pname
+        if own:
+            # a bound method (not a closure) so that deepcopy rebinds it to the copy
+            fwd = _linear_forward if isinstance(module, nn.Linear) else _conv_forward
+            module._fmask_handle, module._fmask_name = handle, name
+            module.forward = types.MethodType(fwd, module)
+        else:
+            swaps.setdefault(caller, []).append(name)
+    for caller, names in swaps.items():
+        c = modules[caller]
+        c._fmask_handle, c._fmask_swaps = handle, tuple(names)
+        c.forward = types.MethodType(_swap_forward, c)
+        handle._callers.append(c)
     handle._attached = True
     if mode == "fixed" and mask is not None:
         handle.set_mask(mask)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data import structure
 from ..errors import UsageError
 from ..spec import KERNELS
 from . import Mask, MaskKeeper
@@ -222,6 +223,14 @@ def sparsifiable(model: nn.Module, mask: Mask) -> dict[str, nn.Linear]:
     ``nn.Linear`` (not a subclass with its own forward) with no forward of its own
     installed (as :mod:`ticketlab.masks.forward` installs) and no hooks, whose weight is
     trained, float, contiguous, used by no other module, and not fully dense."""
+    # MultiheadAttention reads its out_proj's weight itself, never calling its forward
+    inside = {
+        f"{n}.{c}" if n else c
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_modules()
+        if c
+    }
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
@@ -229,6 +238,8 @@ def sparsifiable(model: nn.Module, mask: Mask) -> dict[str, nn.Linear]:
     for mod_name, module in model.named_modules():
         name = f"{mod_name}.weight" if mod_name else "weight"
         if name not in mask or type(module).forward is not nn.Linear.forward:
+            continue
+        if mod_name in inside:
             continue
         if "forward" in module.__dict__ or not isinstance(module, nn.Linear):
             continue
@@ -346,7 +357,7 @@ def layer_inputs(model: nn.Module, modules: dict[str, nn.Module], x: Tensor) -> 
         handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.enable_grad():
-            model(x)
+            structure.call(model, x)
     finally:
         for h in handles:
             h.remove()

@@ -205,8 +205,8 @@ class MovementPruner(GradualPruner):
         super().__init__("movement", *args, **kwargs)
         self.handle = attach(model)
         self.scores = {
-            n: torch.zeros_like(m.weight, dtype=torch.float32)
-            for n, m in self.handle.modules.items()
+            n: torch.zeros_like(self.handle.weight(n), dtype=torch.float32)
+            for n in self.handle.modules
         }
         self.factors: dict[str, torch.Tensor] = {}
         self._set(None)
@@ -215,8 +215,8 @@ class MovementPruner(GradualPruner):
         if mask is not None:
             self.handle.set_mask(mask)
         self.factors = {}
-        for n, m in self.handle.modules.items():
-            w = m.weight
+        for n in self.handle.modules:
+            w = self.handle.weight(n)
             f = mask[n] if mask is not None and n in mask else torch.ones(w.shape, dtype=torch.bool)
             self.factors[n] = f.to(device=w.device, dtype=w.dtype).requires_grad_(True)
         self.handle.set_factors(self.factors)

@@ -36,26 +36,44 @@ def layer_init_std(weight: torch.Tensor, init: str) -> float:
 
 @torch.no_grad()
 def initialize(model: nn.Module, init: str, generator: torch.Generator | None = None) -> nn.Module:
-    """Re-draw every Linear/Conv weight from `init`, zero their biases, reset norm layers.
+    """Re-draw every Linear/Conv weight from `init`, zero their biases, reset norm layers;
+    MultiheadAttention's in-projections are drawn from `init` too (each of Q, K and V as
+    one matrix, its biases zeroed) and Embedding tables from N(0, 1), PyTorch's own.
 
     Works on any module; parameters of other layer types are left as they are.
     """
     name = canonical_init(init)
+
+    def draw(w, std, normal):
+        # Draw on the generator's device so a CPU generator can seed a GPU model.
+        device = generator.device if generator is not None else w.device
+        out = torch.empty(w.shape, dtype=w.dtype, device=device)
+        if normal:
+            out.normal_(0.0, std, generator=generator)
+        else:
+            bound = math.sqrt(3.0) * std
+            out.uniform_(-bound, bound, generator=generator)
+        w.copy_(out)
+
     for module in model.modules():
         if isinstance(module, _WEIGHTED):
             w = module.weight
-            std = layer_init_std(w, name)
-            # Draw on the generator's device so a CPU generator can seed a GPU model.
-            device = generator.device if generator is not None else w.device
-            draw = torch.empty(w.shape, dtype=w.dtype, device=device)
-            if name.endswith("normal"):
-                draw.normal_(0.0, std, generator=generator)
-            else:
-                bound = math.sqrt(3.0) * std
-                draw.uniform_(-bound, bound, generator=generator)
-            w.copy_(draw)
+            draw(w, layer_init_std(w, name), name.endswith("normal"))
             if module.bias is not None:
                 module.bias.zero_()
+        elif isinstance(module, nn.MultiheadAttention):
+            if module.in_proj_weight is not None:
+                for part in module.in_proj_weight.chunk(3):  # views: Q, K, V
+                    draw(part, layer_init_std(part, name), name.endswith("normal"))
+            for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
+                if w is not None:
+                    draw(w, layer_init_std(w, name), name.endswith("normal"))
+            if module.in_proj_bias is not None:
+                module.in_proj_bias.zero_()
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            draw(module.weight, 1.0, True)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
         elif isinstance(module, _NORMS):
             if getattr(module, "weight", None) is not None:
                 module.weight.fill_(1.0)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import structure
 from ..errors import UsageError
-from ..masks import Mask, prunable_weights
+from ..masks import Mask
 
 Scores = dict[str, torch.Tensor]
 
@@ -106,7 +107,8 @@ def needs_trained(name: str) -> bool:
 
 
 def _weights(model: nn.Module, mask: Mask) -> dict[str, nn.Parameter]:
-    weights = prunable_weights(model)
+    """The parameters ``mask`` names: any parameter a selection made prunable."""
+    weights = dict(model.named_parameters())
     missing = [k for k in mask.names() if k not in weights]
     if missing:
         raise UsageError(f"mask names weights the model lacks: {', '.join(missing)}")
@@ -122,11 +124,11 @@ def _need_data(ctx: Context, name: str):
 def _batches(ctx: Context, name: str):
     """``ctx.batches`` minibatches of training data, drawn without replacement."""
     data = _need_data(ctx, name)
-    n = len(data.y_train)
+    n = data.n_train
     bs = min(ctx.batch_size, n)
     total = min(ctx.batches * bs, n)
     perm = torch.randperm(n, generator=ctx.generator)[:total]
-    return [(data.x_train[idx], data.y_train[idx]) for idx in perm.split(bs)]
+    return [data.train_examples(idx) for idx in perm.split(bs)]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -135,7 +137,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _grads(model, weights, x, y, loss_fn, create_graph=False):
     dev = _device(model)
-    loss = loss_fn(model(x.to(dev)), y.to(dev))
+    loss = loss_fn(structure.call(model, structure.to_device(x, dev)), structure.to_device(y, dev))
     gs = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph)
     return dict(zip(weights, gs))
 
@@ -214,6 +216,11 @@ def synflow_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
     The model itself is not touched (a copy is scored).
     """
     ctx = as_context(context)
+    if ctx.data is not None and not structure.is_plain_float(ctx.data.x_train):
+        raise UsageError(
+            "criterion 'synflow' cannot score this model: it feeds an all-ones floating "
+            f"input, and the model takes {structure.describe(ctx.data.x_train)}"
+        )
     shape = ctx.input_shape or (ctx.data.input_shape if ctx.data is not None else None)
     if shape is None:
         raise UsageError("criterion 'synflow' needs the input shape (context.input_shape)")
@@ -326,6 +333,10 @@ def snip_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
 def _class_batches(ctx: Context, per_class: int):
     """``per_class`` training examples of each class, in batches of ``ctx.batch_size``."""
     data = _need_data(ctx, "grasp")
+    if not torch.is_tensor(data.y_train) or not data.num_classes:
+        raise UsageError(
+            "criterion 'grasp' draws examples of each class: it needs class labels in memory"
+        )
     y = data.y_train
     picks = []
     for c in range(data.num_classes):
@@ -354,7 +365,8 @@ def grasp_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
     dev = _device(model)
 
     def loss_of(x, y):
-        return ctx.loss_fn(model(x.to(dev)) / temp, y.to(dev))
+        out = structure.call(model, structure.to_device(x, dev))
+        return ctx.loss_fn(out / temp, structure.to_device(y, dev))
 
     with _mode(model, True):
         g = [torch.zeros_like(p) for p in params]
@@ -473,7 +485,8 @@ def obd_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
             )
     with _mode(model, True):
         for x, y in batches:
-            loss = ctx.loss_fn(model(x.to(dev)), y.to(dev)) / len(batches)
+            out = structure.call(model, structure.to_device(x, dev))
+            loss = ctx.loss_fn(out, structure.to_device(y, dev)) / len(batches)
             grads = torch.autograd.grad(loss, params, create_graph=True)
             if how == "exact":
                 for d, g, p in zip(diag, grads, params):
@@ -733,8 +746,12 @@ def _modules_of(model: nn.Module, names) -> dict[str, nn.Module]:
         m = modules[n.rsplit(".", 1)[0] if "." in n else ""]
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             raise UsageError(f"{n}: activation criteria support grouped convolutions not yet")
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            raise UsageError(f"{n}: activation criteria support Linear and Conv2d layers only")
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or n.rpartition(".")[2] != "weight":
+            raise UsageError(
+                f"{n} ({type(m).__name__}): activation criteria score a weight by the layer's "
+                "input features, which only Linear and Conv2d weights multiply; prune it "
+                "with another criterion or leave it out of the prunable selection"
+            )
         out[n] = m
     return out
 
@@ -763,7 +780,7 @@ def _collect(model: nn.Module, mask: Mask, ctx: Context, name: str, fn) -> dict:
     try:
         with _mode(model, False):
             for x, _ in _batches(ctx, name):
-                model(x.to(dev))
+                structure.call(model, structure.to_device(x, dev))
     finally:
         for h in handles:
             h.remove()

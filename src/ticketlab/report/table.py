@@ -13,9 +13,24 @@ def diverged(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("status") == "diverged"]
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def headline(rows: list[dict]) -> str:
+    """The metric the table shows: the one a run's ``select`` names (``val_<m>``, a custom
+    objective's), else accuracy, else (a custom loss without metrics) the loss."""
+
+    def has(key):
+        return any(r.get(key) not in (None, "") for r in rows)
+
+    select = next((r["select"] for r in rows if r.get("select")), "")
+    name = select.rpartition(":")[2].removeprefix("val_")
+    if name and name not in ("loss", "accuracy") and has(f"test_{name}"):
+        return name
+    return "accuracy" if has("test_accuracy") or not has("test_loss") else "loss"
+
+
+def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
     """Mean and std over replicates for each (level, variant); diverged rows are counted
-    in ``diverged``, not averaged."""
+    in ``diverged``, not averaged. The means are of ``test_<metric>``, under the keys
+    ``test_accuracy`` and ``test_accuracy_std`` whatever the metric."""
     groups: dict[tuple, list[dict]] = {}
     failed: dict[tuple, int] = {}
     for r in rows:
@@ -32,7 +47,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             out.append({"level": key[0], "variant": key[1], "density": density, "n": 0})
             out[-1].update(test_accuracy=math.nan, test_accuracy_std=0.0, best_val_step=math.nan)
     for (level, variant), rs in sorted(groups.items()):
-        acc = [float(r["test_accuracy"]) for r in rs]
+        acc = [float(r[f"test_{metric}"]) for r in rs]
         mean = sum(acc) / len(acc)
         std = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
         out.append(
@@ -58,7 +73,10 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
     The early-stop step is the step of minimum validation loss.
     """
     console = console or Console()
-    summary = summarize(rows)
+    metric = headline(rows)
+    summary = summarize(rows, metric)
+    # accuracy in percent, as before; another metric (a custom objective's) as it is
+    scale, label, fmt = (100, "acc %", ".2f") if metric == "accuracy" else (1, metric, ".4g")
     variants = []
     for s in summary:
         if s["variant"] not in variants:
@@ -70,7 +88,7 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
     table.add_column("level", justify="right")
     table.add_column("weights %", justify="right")
     for v in variants:
-        table.add_column(f"{v} acc %", justify="right")
+        table.add_column(f"{v} {label}", justify="right")
     for v in variants:
         table.add_column(f"{v} early stop", justify="right")
     table.add_column("n", justify="right")
@@ -85,9 +103,10 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
             elif s["n"] == 0:
                 row.append("diverged")
             elif s["n"] > 1:
-                row.append(f"{100 * s['test_accuracy']:.2f} ± {100 * s['test_accuracy_std']:.2f}")
+                m, sd = scale * s["test_accuracy"], scale * s["test_accuracy_std"]
+                row.append(f"{m:{fmt}} ± {sd:{fmt}}")
             else:
-                row.append(f"{100 * s['test_accuracy']:.2f}")
+                row.append(f"{scale * s['test_accuracy']:{fmt}}")
         for v in variants:
             s = cells.get(v)
             row.append("" if s is None or s["n"] == 0 else f"{s['best_val_step']:.0f}")
