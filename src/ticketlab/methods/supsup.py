@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
-from ..data.tasks import TASK_KINDS, make_task
+from ..data.tasks import TASK_KINDS, TASK_SEED_PURPOSE, task_sequence
 from ..errors import UsageError
 from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density, prunable_weights
@@ -232,10 +232,8 @@ class SupsupExperiment(Experiment):
 
     def tasks(self, r: int) -> list[Dataset]:
         spec = self.spec
-        return [
-            make_task(self.data, spec.task_kind, t, derive_seed(spec.seed, t, "supsup/task"))
-            for t in range(spec.tasks)
-        ]
+        seeds = [derive_seed(spec.seed, t, TASK_SEED_PURPOSE) for t in range(spec.tasks)]
+        return task_sequence(self.data, spec.task_kind, seeds)
 
     def _replicate(self, r: int, levels: int, progress) -> None:
         spec = self.spec
