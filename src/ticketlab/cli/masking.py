@@ -80,6 +80,15 @@ def add_parsers(sub) -> None:
         help="one-shot task inference over: batch (default: the test batch's mean) or first "
         "(its first example only, as the reference configs do)",
     )
+    g.add_argument(
+        "--store",
+        help="explicit (default: each mask kept as it is) or hopfield (also stored as an "
+        "attractor of one fixed-size Hopfield network per layer and read back from it "
+        "without the task id: rows of variant hopfield)",
+    )
+    g.add_argument("--hopfield-gamma", type=float, help="weight of the Hopfield energy (1.5e-3)")
+    g.add_argument("--hopfield-lr", type=float, help="SGD rate of the recovery (500)")
+    g.add_argument("--hopfield-batch-size", type=int, help="test batch of the recovery (64)")
 
     g = method_command(
         sub,
