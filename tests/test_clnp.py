@@ -197,3 +197,31 @@ def test_bad_input(tmp_path, capsys):
     rc = main(["clnp", "--baseline", "nope", "--runs-dir", str(tmp_path / "x"), "--quiet"])
     assert rc == 2 and "finetune" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_report_puts_clnp_beside_finetuning(tmp_path):
+    from ticketlab.report import build_report, continual_section, load_runs
+
+    runs = []
+    for baseline in (None, "finetune"):
+        exp = ClnpExperiment(spec(tmp_path / "runs", baseline=baseline), data=easy_data())
+        rows = exp.run()
+        runs.append((exp.dir, rows))
+    build_report([d for d, _ in runs], tmp_path / "report")
+    assert (tmp_path / "report" / "continual.png").stat().st_size > 0
+    section = continual_section(load_runs([d for d, _ in runs]), tmp_path / "again")
+    table = section.tables[0]
+    assert table.caption.startswith("Continual learners")
+    got = {(row[0], int(row[1])): row for row in table.rows}
+    assert {name for name, _ in got} == {"CLNP", "fine-tuning"}
+    for name, (_, rows) in zip(("CLNP", "fine-tuning"), runs):
+        for level in range(3):
+            accs = [r["test_accuracy"] for r in rows if r["level"] == level]
+            assert len(accs) == level + 1
+            assert float(got[(name, level + 1)][3]) == pytest.approx(
+                100 * sum(accs) / len(accs), abs=0.01
+            )
+    clnp_rows = runs[0][1]
+    used = next(r["capacity_used"] for r in clnp_rows if r["level"] == 2)
+    assert float(got[("CLNP", 3)][6]) == pytest.approx(100 * used, abs=0.1)
+    assert got[("fine-tuning", 3)][6] == ""

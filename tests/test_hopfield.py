@@ -129,3 +129,11 @@ def test_supsup_hopfield_run(tmp_path):
         assert int(state["count"]) == t + 1
     assert len(sizes) == 1  # the same size after one task and after two
     assert SupsupExperiment(spec, data=easy_data()).run() == rows  # resumed: nothing redone
+    from ticketlab.report import continual_section, load_runs
+
+    section = continual_section(load_runs([exp.dir]), tmp_path / "report")
+    assert "recovery exact up to 2 stored task(s)" in section.text
+    assert "still attractors at 2 tasks" in section.text
+    assert (tmp_path / "report" / "hopfield.png").stat().st_size > 0
+    (table,) = [t for t in section.tables if "Hopfield network" in t.caption]
+    assert [row[0] for row in table.rows] == ["1", "2"] and table.rows[1][1] == "0.0"
