@@ -118,6 +118,9 @@ def test_unit_accounting(tmp_path):
                 assert bool((h["weight"][:, free] == 0).all())
         previous = used
     assert rows[0]["units_claimed"] < total  # the first task left free units
+    assert rows[0]["density"] < 1.0  # the pruned units' weights are zero
+    # show prints the run (the training columns are on each task's own row only)
+    assert main(["show", str(exp.dir)]) == 0
 
 
 def test_prune_task_frees_what_the_task_does_not_need():

@@ -372,7 +372,7 @@ class ClnpExperiment(Experiment):
             row = {
                 **base,
                 "eval_task": e,
-                "density": 1.0,
+                "density": kept / every,
                 "density_all": kept / every,
                 "test_accuracy": test_acc,
                 "test_loss": test_loss,
