@@ -31,6 +31,7 @@ BARE = {
     "supermask": [],
     "supermask --algorithm bernoulli": ["--algorithm", "bernoulli"],
     "supsup": [],
+    "clnp": ["--tasks", "2"],
     "bn-only": ["--width", "0.25", "--steps", "100it", "--eval-every", "100it"],
     "early-bird": ["--width", "0.125", "--steps", "100it", "--eval-every", "100it"],
     "noise": ["--noise", "0,0.1"],

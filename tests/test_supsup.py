@@ -60,7 +60,8 @@ def test_earlier_tasks_unchanged_and_inference(tmp_path):
 
     build_report([exp.dir], tmp_path / "report")
     assert (tmp_path / "report" / "tasks.png").stat().st_size > 0
-    (table,) = continual_section(load_runs([exp.dir]), tmp_path / "again").tables
+    tables = continual_section(load_runs([exp.dir]), tmp_path / "again").tables
+    (table,) = [t for t in tables if t.caption.endswith("accuracy per task")]
     got = {(t, int(n)): float(acc) for t, n, _, acc, _, _ in table.rows}
     for (level, task), acc in given.items():
         assert got[(f"task {task}", level + 1)] == pytest.approx(100 * acc, abs=0.01)

@@ -1,5 +1,6 @@
 """Subcommands that learn masks or affine parameters over frozen weights:
-``supermask``, ``bn-only``, ``supsup``, and ``adapt`` (FiLM vs SupSup vs fine-tuning)."""
+``supermask``, ``bn-only``, ``supsup``, and ``adapt`` (FiLM vs SupSup vs fine-tuning);
+and, beside SupSup, the other continual learner, ``clnp`` (frozen units, pruning)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,37 @@ def add_parsers(sub) -> None:
         "--inference-examples",
         help="one-shot task inference over: batch (default: the test batch's mean) or first "
         "(its first example only, as the reference configs do)",
+    )
+    g.add_argument(
+        "--store",
+        help="explicit (default: each mask kept as it is) or hopfield (also stored as an "
+        "attractor of one fixed-size Hopfield network per layer and read back from it "
+        "without the task id: rows of variant hopfield)",
+    )
+    g.add_argument("--hopfield-gamma", type=float, help="weight of the Hopfield energy (1.5e-3)")
+    g.add_argument("--hopfield-lr", type=float, help="SGD rate of the recovery (500)")
+    g.add_argument("--hopfield-batch-size", type=int, help="test batch of the recovery (64)")
+
+    g = method_command(
+        sub,
+        "clnp",
+        "continual learning by neural pruning: tasks on the units earlier tasks left free",
+        "ticketlab.methods.clnp",
+        "ClnpSpec",
+        "ClnpExperiment",
+    )
+    g.add_argument("--tasks", type=int, help="number of tasks (default 3)")
+    g.add_argument("--task-kind", help="permuted (inputs permuted per task) or split (class pairs)")
+    g.add_argument("--l1", type=float, help="L1 penalty on the trained weights (default 1e-4)")
+    g.add_argument(
+        "--margin",
+        type=float,
+        help="graceful forgetting: validation accuracy the pruning of a task may cost "
+        "(default 0.01)",
+    )
+    g.add_argument(
+        "--baseline",
+        help="finetune: plain sequential fine-tuning of every weight instead (a head per task)",
     )
 
     g = method_command(

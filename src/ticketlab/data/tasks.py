@@ -10,6 +10,9 @@ import torch
 from .dataset import Dataset
 
 TASK_KINDS = ("permuted", "split")
+# the purpose string each task's seed is derived from (with the run's seed and the task
+# index): every continual-learning method uses it, so they all see the same sequence
+TASK_SEED_PURPOSE = "supsup/task"
 
 
 def _subset(x: torch.Tensor, y: torch.Tensor, pair: tuple[int, int]):
@@ -46,3 +49,9 @@ def make_task(data: Dataset, kind: str, t: int, seed: int) -> Dataset:
         y_test=splits["test"][1],
         num_classes=classes,
     )
+
+
+def task_sequence(data: Dataset, kind: str, seeds: list[int]) -> list[Dataset]:
+    """Tasks ``0..len(seeds)-1`` of one sequence, task ``t`` drawn with ``seeds[t]``
+    (methods derive them from the run's seed, ``t`` and :data:`TASK_SEED_PURPOSE`)."""
+    return [make_task(data, kind, t, seed) for t, seed in enumerate(seeds)]

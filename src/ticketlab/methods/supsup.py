@@ -54,11 +54,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
-from ..data.tasks import TASK_KINDS, make_task
+from ..data.tasks import TASK_KINDS, TASK_SEED_PURPOSE, task_sequence
 from ..errors import UsageError
 from ..experiment import Experiment, collect_results
 from ..masks import Mask, model_density, prunable_weights
 from ..masks.forward import MaskedWeights, attach, score_init
+from ..masks.hopfield import HopfieldMemory, hamming, recall
 from ..models import build
 from ..runs import RESULT_COLUMNS, read_json, save_state, write_json
 from ..spec import derive_seed
@@ -66,10 +67,15 @@ from ..train import evaluate, train
 from .supermask import SupermaskSpec, prepare_weights
 
 OBJECTIVES = ("entropy", "superfluous")
+# where the masks are kept: as they are, or as attractors of one fixed-size Hopfield network
+STORES = ("explicit", "hopfield")
 # which examples of a test batch the one-shot objective is taken over
 INFERENCE_EXAMPLES = ("batch", "first")
 COLUMNS = ["trained_task", "eval_task", "inference_accuracy", "task_kind", "inference_objective"]
 COLUMNS += ["inference_examples"]
+# the columns of the Hopfield rows (only where --store hopfield)
+HOPFIELD_COLUMNS = ["store", "stored_tasks", "hamming", "hamming_fraction", "attractor_flips"]
+HOPFIELD_COLUMNS += ["store_numbers"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,14 @@ class SupsupSpec(SupermaskSpec):
     inference_objective: str = "entropy"
     superfluous_neurons: int = 0  # extra output neurons, never a label (s-neurons)
     inference_examples: str = "batch"  # or "first": the objective on example 0 only
+    # HopSupSup: the masks also stored in one Hopfield network per layer, and read back
+    # from it at test time (the reference's recovery settings)
+    store: str = "explicit"
+    hopfield_gamma: float = 1.5e-3
+    hopfield_lr: float = 500.0
+    hopfield_momentum: float = 0.9
+    hopfield_weight_decay: float = 1e-4
+    hopfield_batch_size: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +141,16 @@ class SupsupSpec(SupermaskSpec):
             )
         if self.weights is not None:
             raise UsageError("supsup uses a frozen random network; --weights is not supported")
+        if self.store not in STORES:
+            raise UsageError(f"unknown store '{self.store}'; choose from: {', '.join(STORES)}")
+        for name in ("hopfield_gamma", "hopfield_lr", "hopfield_weight_decay"):
+            value = getattr(self, name)
+            if not (value >= 0 and value != float("inf")):
+                raise UsageError(f"{name.replace('_', ' ')} must be finite and >= 0; got {value}")
+        if not 0 <= self.hopfield_momentum < 1:
+            raise UsageError(f"hopfield momentum must be in [0, 1); got {self.hopfield_momentum}")
+        if self.hopfield_batch_size < 1:
+            raise UsageError("hopfield batch size must be >= 1")
 
 
 def check_inference_examples(examples: str) -> None:
@@ -217,6 +241,15 @@ class SupsupExperiment(Experiment):
                 "supsup needs a model without BatchNorm (its running statistics would be "
                 "shared by all tasks)"
             )
+        if spec.store == "hopfield":
+            try:
+                self.memory_shapes = {k: tuple(w.shape) for k, w in prunable_weights(probe).items()}
+                HopfieldMemory(self.memory_shapes)
+            except ValueError as exc:
+                raise UsageError(
+                    f"--store hopfield: {exc}; use a smaller network, e.g. --dataset mnist1d "
+                    "--model mlp_32"
+                ) from None
         if model_fn is not None and spec.superfluous_neurons:
             with torch.no_grad():
                 width = probe(torch.zeros(1, *shape)).shape[1]
@@ -232,10 +265,8 @@ class SupsupExperiment(Experiment):
 
     def tasks(self, r: int) -> list[Dataset]:
         spec = self.spec
-        return [
-            make_task(self.data, spec.task_kind, t, derive_seed(spec.seed, t, "supsup/task"))
-            for t in range(spec.tasks)
-        ]
+        seeds = [derive_seed(spec.seed, t, TASK_SEED_PURPOSE) for t in range(spec.tasks)]
+        return task_sequence(self.data, spec.task_kind, seeds)
 
     def _replicate(self, r: int, levels: int, progress) -> None:
         spec = self.spec
@@ -248,6 +279,9 @@ class SupsupExperiment(Experiment):
             p.requires_grad_(False)
         tasks = self.tasks(r)
         masks: list[Mask] = []
+        hopfield = spec.store == "hopfield"
+        memory = HopfieldMemory(self.memory_shapes) if hopfield else None
+        columns = RESULT_COLUMNS + COLUMNS + (HOPFIELD_COLUMNS if hopfield else [])
         for t, task in enumerate(tasks):
             ldir = rdir / f"level-{t}"
             mask_path = ldir / "mask.safetensors"
@@ -258,10 +292,17 @@ class SupsupExperiment(Experiment):
                 mask, train_metrics = self._train_task(model, task, r, t, ldir / "train", progress)
                 mask.save(mask_path)
             masks.append(mask)
+            if hopfield:  # the memory after task t: a function of the masks, in order
+                memory.store(mask)
+                if not (ldir / "hopfield.safetensors").exists():
+                    save_state(ldir / "hopfield.safetensors", memory.state_dict())
+                if not all((ldir / f"hopfield-{e}" / "result.json").exists() for e in range(t + 1)):
+                    self._evaluate_hopfield(model, tasks[: t + 1], masks, memory, r, t, ldir)
+                    self.write_results(sorted_results(self.dir), columns)
             if (ldir / "task-inferred" / "result.json").exists():
                 continue
             self._evaluate(model, tasks[: t + 1], masks, r, t, ldir, train_metrics)
-            self.write_results(sorted_results(self.dir), RESULT_COLUMNS + COLUMNS)
+            self.write_results(sorted_results(self.dir), columns)
 
     def _train_task(self, model, task: Dataset, r: int, t: int, wdir: Path, progress):
         spec = self.spec
@@ -355,6 +396,71 @@ class SupsupExperiment(Experiment):
                 "inference_examples": spec.inference_examples,
             }
             write_json(ldir / "task-inferred" / "result.json", row)
+        finally:
+            handle.detach(bake=False)
+
+    def _evaluate_hopfield(self, model, tasks, masks, memory, r: int, t: int, ldir: Path):
+        """Each learned task's mask read back from the Hopfield memory alone (no task id,
+        no stored mask: the superposition of the patterns, then SGD on the entropy of
+        the task's test batches fading into the Hopfield energy), its Hamming distance
+        to the mask that was stored, and the test accuracy with it."""
+        spec = self.spec
+        handle = attach(model)
+        d = sum(memory.size.values())
+        try:
+            for e, task in enumerate(tasks):
+                if (ldir / f"hopfield-{e}" / "result.json").exists():
+                    continue
+                b = spec.hopfield_batch_size
+                starts = list(range(0, len(task.y_test), b))
+                model.eval()
+
+                def objective(k, factors, x_test=task.x_test, starts=starts, b=b):
+                    handle.set_factors(factors)
+                    try:
+                        out = model(x_test[starts[k] : starts[k] + b])
+                    finally:
+                        handle.set_factors(None)
+                    if spec.inference_objective == "entropy":
+                        return entropy(out)
+                    return superfluous_objective(out, self.real_classes)
+
+                found = recall(
+                    memory,
+                    objective,
+                    len(starts),
+                    gamma=spec.hopfield_gamma,
+                    lr=spec.hopfield_lr,
+                    momentum=spec.hopfield_momentum,
+                    weight_decay=spec.hopfield_weight_decay,
+                )
+                handle.set_mask(found)
+                test_loss, test_acc = evaluate(
+                    model, task.x_test, task.y_test, spec.eval_batch_size
+                )
+                distance = hamming(found, masks[e])
+                row = {
+                    "method": spec.method,
+                    "replicate": r,
+                    "level": t,
+                    "trained_task": t,
+                    "variant": "hopfield",
+                    "eval_task": e,
+                    "density": found.density(),
+                    "test_accuracy": test_acc,
+                    "test_loss": test_loss,
+                    "status": "done",
+                    "task_kind": spec.task_kind,
+                    "inference_objective": spec.inference_objective,
+                    "store": "hopfield",
+                    "stored_tasks": t + 1,
+                    "hamming": distance,
+                    "hamming_fraction": distance / d,
+                    # 0 while the stored mask is still an attractor (below capacity)
+                    "attractor_flips": memory.unstable(masks[e]),
+                    "store_numbers": memory.numel(),
+                }
+                write_json(ldir / f"hopfield-{e}" / "result.json", row)
         finally:
             handle.detach(bake=False)
 

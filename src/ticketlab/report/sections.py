@@ -338,12 +338,26 @@ def noise_section(runs, out: Path) -> Section:
     )
 
 
+# the variant that is each continual learner's own accuracy per task, and its name
+LEARNERS = {
+    "task-given": "SupSup",
+    "clnp": "CLNP",
+    "finetune": "fine-tuning",
+    "hopfield": "SupSup, masks read back from a Hopfield network",
+}
+
+
 def continual_section(runs, out: Path) -> Section:
-    """SupSup: each task's accuracy as later tasks are learned, and with the id inferred."""
+    """Continual learners (SupSup, CLNP, fine-tuning): each task's accuracy as later tasks
+    are learned (and SupSup's with the id inferred); the learners side by side (mean
+    accuracy over the tasks learned so far); and, for SupSup's Hopfield store, how well
+    the masks are read back as tasks are added."""
 
     def key(row):
-        inferred = row["variant"] == "task-inferred"
-        return ("id inferred" if inferred else f"task {row['eval_task']}", int(row["level"]) + 1)
+        if row["variant"] == "task-inferred":
+            return ("id inferred", int(row["level"]) + 1)
+        extra = " (hopfield)" if row["variant"] == "hopfield" else ""
+        return (f"task {row['eval_task']}{extra}", int(row["level"]) + 1)
 
     series, tables = [], []
     for r in runs:
@@ -366,13 +380,196 @@ def continual_section(runs, out: Path) -> Section:
         out / "tasks.png",
         integer_x=True,
     )
-    return Section(
-        "Continual learning",
-        figures=[
-            (png, f"Accuracy per task and with the task inferred (mean, {figures.BAND_NOTE}).")
-        ],
-        tables=tables,
-    )
+    figs = [(png, f"Accuracy per task and with the task inferred (mean, {figures.BAND_NOTE}).")]
+    compared, table = learner_comparison(runs)
+    if compared:
+        png = figures.metric_vs_x(
+            compared,
+            "tasks learned",
+            "mean test accuracy % over the tasks learned",
+            "Continual learners side by side",
+            out / "continual.png",
+            integer_x=True,
+        )
+        figs.append(
+            (
+                png,
+                "Mean test accuracy over every task learned so far, each with its own mask or "
+                f"head (task id given; mean over replicates, {figures.BAND_NOTE}).",
+            )
+        )
+        tables.insert(0, table)
+    text = ""
+    hop = [r for r in runs if any(q["variant"] == "hopfield" for q in r.rows)]
+    if hop:
+        more_figs, more_tables, text = hopfield_part(hop, out)
+        figs += more_figs
+        tables[1:1] = more_tables
+    return Section("Continual learning", text=text, figures=figs, tables=tables)
+
+
+def _done(row) -> bool:
+    return row.get("status", "done") in ("done", "")
+
+
+def _per_level(run: Run, variant: str, value) -> dict[int, list[float]]:
+    """``value(rows)`` of each replicate's rows of ``variant`` at each level."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for row in run.rows:
+        if row["variant"] == variant and _done(row):
+            groups.setdefault((int(row["level"]), str(row["replicate"])), []).append(row)
+    out: dict[int, list[float]] = {}
+    for (level, _), rows in sorted(groups.items()):
+        out.setdefault(level, []).append(value(rows))
+    return out
+
+
+def _mean_acc(rows) -> float:
+    return sum(_num(r["test_accuracy"]) for r in rows) / len(rows)
+
+
+def learner_comparison(runs) -> tuple[list[dict], Table]:
+    """One line per run and learner: mean accuracy over the tasks learned so far."""
+    series, rows = [], []
+    kinds = [(r, v) for r in runs for v in LEARNERS if any(q["variant"] == v for q in r.rows)]
+    names = [LEARNERS[v] for _, v in kinds]
+    for r, v in kinds:
+        name = LEARNERS[v] if names.count(LEARNERS[v]) == 1 else f"{LEARNERS[v]} ({r.label})"
+        acc = _per_level(r, v, _mean_acc)
+        first = _per_level(
+            r,
+            v,
+            lambda rs: next(
+                (_num(q["test_accuracy"]) for q in rs if _num(q["eval_task"]) == 0), float("nan")
+            ),
+        )
+        used = _per_level(r, v, lambda rs: _num(rs[0].get("capacity_used")))
+        levels = sorted(acc)
+        stats = [mean_std(acc[k]) for k in levels]
+        series.append(
+            {
+                "label": name,
+                "x": [k + 1 for k in levels],
+                "mean": [100 * m for m, _ in stats],
+                "std": [100 * sd for _, sd in stats],
+            }
+        )
+        for k, (m, sd) in zip(levels, stats):
+            cap = mean_std(used[k])[0]
+            rows.append(
+                [
+                    name,
+                    str(k + 1),
+                    str(len(acc[k])),
+                    _pct(m),
+                    _pct(sd),
+                    _pct(mean_std(first[k])[0]),
+                    "" if math.isnan(cap) else _pct(cap, 1),
+                ]
+            )
+    cols = ["learner", "tasks learned", "n", "mean acc % over tasks", "std", "task 0 acc %"]
+    cols.append("units used %")
+    source = ", ".join(str(r.path / "results.csv") for r, _ in kinds)
+    return series, Table("Continual learners: accuracy as tasks are added", cols, rows, source)
+
+
+def hopfield_part(runs, out: Path) -> tuple[list, list[Table], str]:
+    """SupSup's Hopfield store: Hamming distance of the read-back masks to the stored ones,
+    and accuracy with them next to the stored masks', against the number of tasks stored;
+    where recovery stops being exact and where the stored masks stop being attractors."""
+    ham, acc, tables, notes = [], [], [], []
+    for r in runs:
+        frac = _per_level(
+            r, "hopfield", lambda rs: sum(_num(q["hamming_fraction"]) for q in rs) / len(rs)
+        )
+        count = _per_level(r, "hopfield", lambda rs: sum(_num(q["hamming"]) for q in rs) / len(rs))
+        flips = _per_level(
+            r, "hopfield", lambda rs: max(_num(q.get("attractor_flips")) for q in rs)
+        )
+        worst = _per_level(r, "hopfield", lambda rs: max(_num(q["hamming"]) for q in rs))
+        hop_acc = _per_level(r, "hopfield", _mean_acc)
+        given = _per_level(r, "task-given", _mean_acc)
+        levels = sorted(frac)
+        x = [k + 1 for k in levels]
+        fs = [mean_std(frac[k]) for k in levels]
+        ham.append(
+            {
+                "label": r.label,
+                "x": x,
+                "mean": [100 * m for m, _ in fs],
+                "std": [100 * s for _, s in fs],
+            }
+        )
+        for label, src in (("Hopfield store", hop_acc), ("explicit masks", given)):
+            st = [mean_std(src[k]) if k in src else (float("nan"), 0.0) for k in levels]
+            acc.append(
+                {
+                    "label": f"{r.label} {label}",
+                    "x": x,
+                    "mean": [100 * m for m, _ in st],
+                    "std": [100 * s for _, s in st],
+                }
+            )
+        rows = []
+        for k in levels:
+            rows.append(
+                [
+                    str(k + 1),
+                    f"{mean_std(count[k])[0]:.1f}",
+                    _pct(mean_std(frac[k])[0]),
+                    f"{max(flips[k]):g}",
+                    _pct(mean_std(hop_acc[k])[0]),
+                    _pct(mean_std(given[k])[0]) if k in given else "",
+                ]
+            )
+        cols = ["tasks stored", "Hamming distance (mean)", "Hamming %", "attractor flips (max)"]
+        cols += ["acc % Hopfield store", "acc % explicit masks"]
+        tables.append(
+            Table(
+                f"{r.label}: masks read back from the Hopfield network",
+                cols,
+                rows,
+                str(r.path / "results.csv"),
+            )
+        )
+        exact = 0
+        for k in levels:
+            if max(worst[k]) > 0:
+                break
+            exact = k + 1
+        full = next((k + 1 for k in levels if max(flips[k]) > 0), None)
+        cap = (
+            f"the stored masks stop being attractors at {full} tasks (capacity runs out)"
+            if full is not None
+            else f"the stored masks are still attractors at {levels[-1] + 1} tasks"
+        )
+        notes.append(f"{r.label}: recovery exact up to {exact} stored task(s); {cap}.")
+    figs = [
+        (
+            figures.metric_vs_x(
+                ham,
+                "tasks stored",
+                "Hamming distance % (read back vs stored)",
+                "Masks read back from a Hopfield network",
+                out / "hopfield.png",
+                integer_x=True,
+            ),
+            "Hamming distance between each task's read-back and stored mask, mean over tasks "
+            f"({figures.BAND_NOTE}).",
+        ),
+        (
+            figures.metric_vs_x(
+                acc,
+                "tasks stored",
+                "mean test accuracy % over the tasks",
+                "Hopfield store against explicit masks",
+                out / "hopfield_accuracy.png",
+                integer_x=True,
+            ),
+            f"Accuracy with the read-back masks and with the stored ones ({figures.BAND_NOTE}).",
+        ),
+    ]
+    return figs, tables, " ".join(notes)
 
 
 def early_stop_section(runs, summaries, out: Path) -> Section:

@@ -13,6 +13,13 @@ def diverged(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("status") == "diverged"]
 
 
+def _mean_of(rows: list[dict], key: str) -> float:
+    """The mean of a column over the rows that have it (continual learners give the
+    training columns on the row of the task just trained only); NaN if none does."""
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return sum(values) / len(values) if values else math.nan
+
+
 def headline(rows: list[dict]) -> str:
     """The metric the table shows: the one a run's ``select`` names (``val_<m>``, a custom
     objective's), else accuracy, else (a custom loss without metrics) the loss."""
@@ -58,7 +65,7 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
                 "n": len(rs),
                 "test_accuracy": mean,
                 "test_accuracy_std": std,
-                "best_val_step": sum(float(r["best_val_step"]) for r in rs) / len(rs),
+                "best_val_step": _mean_of(rs, "best_val_step"),
             }
         )
     for s in out:
