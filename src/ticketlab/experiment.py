@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import Dataset
+from .data import Dataset, with_label_noise
 from .data import load as load_data
 from .errors import Diverged, WorkFailed
 from .executors import describe_failure, report_results, run_parallel
@@ -61,6 +61,12 @@ def replicate_seed(spec: Spec, replicate: int, purpose: str) -> int:
     return derive_seed(spec.seed if given is None else given, replicate, purpose)
 
 
+def label_noise_seed(spec: Spec) -> int:
+    """The seed that picks the noisy training labels: one noisy data set per run (its
+    replicates share it, as they share the validation split)."""
+    return derive_seed(spec.seed, 0, "label-noise")
+
+
 class Experiment:
     """What every method shares, bound to its run directory.
 
@@ -78,15 +84,17 @@ class Experiment:
     ):
         self.spec = spec
         self.data = (
-            data
-            if data is not None
-            else load_data(
+            load_data(
                 spec.dataset,
                 data_dir=spec.data_dir,
                 val_size=spec.val_size,
                 split_seed=spec.seed,
                 augment=spec.augment,
+                label_noise=spec.label_noise,
+                noise_seed=label_noise_seed(spec),
             )
+            if data is None
+            else with_label_noise(data, spec.label_noise, label_noise_seed(spec))
         )
         shape, classes = self.data.input_shape, self.data.num_classes
         if model_fn is None:

@@ -61,6 +61,12 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="where the dataset files are")
     g.add_argument("--val-size", type=int, help="examples held out of training for validation")
     toggle(g, "--augment", "crop+flip augmentation (default: on for CIFAR-10)")
+    g.add_argument(
+        "--label-noise",
+        type=float,
+        help="fraction of training labels changed to another class, seeded (default 0; the "
+        "validation and test labels stay clean)",
+    )
     g.add_argument("--steps", help="budget of each training phase: '50000it' or '40ep'")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optimizer", help="sgd, adam or rmsprop")
@@ -81,6 +87,11 @@ def common_flags(p: argparse.ArgumentParser) -> None:
         "--checkpoint-seconds",
         type=float,
         help="also checkpoint after this many seconds (default 60; 0: by steps only)",
+    )
+    g.add_argument(
+        "--save-every",
+        help="also save the weights every this many steps ('100it'), for ticketlab fisher; "
+        "not part of the run's identity",
     )
     g.add_argument(
         "--kernels",

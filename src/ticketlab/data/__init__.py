@@ -3,6 +3,7 @@
 from .augment import augment_crop_flip
 from .batching import BatchSampler, batch_indices
 from .dataset import Dataset, from_tensors
+from .noise import noisy_labels, with_label_noise
 from .registry import DATASETS, describe_datasets, load
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "describe_datasets",
     "from_tensors",
     "load",
+    "noisy_labels",
+    "with_label_noise",
 ]

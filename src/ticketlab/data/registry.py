@@ -9,6 +9,7 @@ from ticketlab.errors import DataError
 
 from . import generated, sources
 from .dataset import Dataset, build
+from .noise import with_label_noise
 
 
 @dataclass(frozen=True)
@@ -110,18 +111,22 @@ def load(
     split_seed: int = 0,
     augment: bool | None = None,
     download_hint: bool = True,
+    label_noise: float = 0.0,
+    noise_seed: int = 0,
 ) -> Dataset:
     """Load a named dataset into memory, hold out `val_size` training examples (the dataset's
     default when None) by `split_seed`, and normalise with training-split statistics.
 
     `augment` None uses the dataset's default; True turns on crop/flip (image datasets only).
     `download_hint` adds how to obtain missing files to the not-found error.
+    `label_noise` p changes a fraction p of the training labels (after the split; the
+    validation and test labels stay clean) to other classes, chosen by `noise_seed`.
     """
     info = get_info(name)
     x_train, y_train, x_test, y_test = info.read(data_dir, download_hint)
     if augment is None:
         augment = info.augment
-    return build(
+    data = build(
         name,
         x_train,
         y_train,
@@ -133,6 +138,7 @@ def load(
         scale=info.scale,
         augment="crop_flip" if augment else None,
     )
+    return with_label_noise(data, label_noise, noise_seed)
 
 
 def describe_datasets() -> list[dict]:
