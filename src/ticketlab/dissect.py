@@ -12,7 +12,7 @@ Two kinds of concept detector, each by its paper's definition:
 - **Spatial concept detectors** for conv units (network dissection, Bau et al. 2017).
   The unit's threshold ``T_k`` is the top-``quantile`` (0.5%) value of its activations
   over every position of every image; its map is upsampled bilinearly to the image size
-  and ``M_k(x) = S_k(x) > T_k``; its IoU with a concept ``c`` is
+  and ``M_k(x) = S_k(x) >= T_k`` (where it fires: ``S_k(x) > 0``); its IoU with a concept ``c`` is
   ``sum_x |M_k(x) & L_c(x)| / sum_x |M_k(x) | L_c(x)|``. A unit detects its best
   concept when that IoU is at least ``iou_threshold`` (0.04, as Bau et al. and Frankle &
   Bau use).
@@ -117,14 +117,14 @@ def top_class(act: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torc
 
 
 def unit_thresholds(maps: torch.Tensor, quantile: float = 0.005) -> torch.Tensor:
-    """``T_k`` per unit of ``maps`` (N, C, h, w): the value with a fraction ``quantile``
-    of the unit's activations (over all images and positions) above it."""
+    """``T_k`` per unit of ``maps`` (N, C, h, w): the smallest of the top fraction
+    ``quantile`` of the unit's activations over all images and positions."""
     if not 0 < quantile < 1:
         raise UsageError(f"quantile must be in (0, 1); got {quantile}")
     flat = maps.transpose(0, 1).reshape(maps.shape[1], -1)
     m = flat.shape[1]
-    k = min(max(int(math.ceil((1 - quantile) * m)), 1), m)
-    return flat.kthvalue(k, dim=1).values
+    top = max(int(quantile * m), 1)  # the top `top` values are >= T_k
+    return flat.kthvalue(m - top + 1, dim=1).values
 
 
 def unit_iou(
@@ -145,7 +145,9 @@ def unit_iou(
     for i in range(0, n, batch):
         up = F.interpolate(maps[i : i + batch].float(), size=size, mode="bilinear",
                            align_corners=False)  # fmt: skip
-        on = (up > thresholds.view(1, -1, 1, 1)).float().flatten(2)  # (B, C, P)
+        # at or above T_k, and firing: a unit silent on most positions (T_k = 0) is not
+        # taken to cover the whole image
+        on = ((up >= thresholds.view(1, -1, 1, 1)) & (up > 0)).float().flatten(2)  # (B, C, P)
         lab = concept[i : i + batch].flatten(2)  # (B, K, P)
         inter += torch.einsum("bcp,bkp->ck", on, lab).double()
         fired += on.sum((0, 2)).double()
