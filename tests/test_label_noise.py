@@ -94,3 +94,30 @@ def test_save_every_writes_its_steps_and_keeps_the_hash(tmp_path, capsys):
     at40 = load_state(ticket / "saved" / "step-40.safetensors")
     mask_zero = [(at40[k] == 0).float().mean() for k in at40 if k.endswith("weight")]
     assert max(mask_zero) > 0.15  # the ticket's pruned weights stay pruned in the saved file
+
+
+def test_double_descent_points_on_hand_made_curves():
+    from ticketlab.analysis import double_descent_points
+
+    # dense to sparse: falls (overfitting the noise), rises (sweet spot), falls (collapse)
+    assert double_descent_points([80.0, 78.0, 75.0, 79.0, 82.0, 70.0]) == (0, 2, 4)
+    # the first error minimum need not be the dense network
+    assert double_descent_points([79.0, 81.0, 76.0, 77.0, 80.0]) == (1, 2, 4)
+    assert double_descent_points([80.0, 79.0, 78.0, 70.0]) is None  # monotone
+    assert double_descent_points([80.0, 79.5, 80.2, 70.0], spread=[1.0] * 4) is None  # noise
+    assert double_descent_points([80.0, 79.5, 80.2, 70.0], spread=[0.1] * 4) == (0, 1, 2)
+
+
+def test_report_marks_double_descent_for_noisy_lottery_runs(tmp_path, capsys):
+    flags = ["--dataset", "mnist1d", "--steps", "40it", "--eval-every", "40it", "--levels", "2"]
+    for noise in ("0.3", "0"):
+        rc, _, err = run_cli(capsys, "lottery", *flags, "--label-noise", noise, "--quiet",
+                             "--runs-dir", tmp_path / "runs")  # fmt: skip
+        assert rc == 0, err
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2  # noise is part of the identity
+    rc, _, err = run_cli(capsys, "report", *runs, "--out", tmp_path / "rep", "--quiet")
+    assert rc == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Sparse double descent" in page and "<td>0.3</td>" in page
+    assert (tmp_path / "rep" / "double_descent.png").exists()
