@@ -121,3 +121,42 @@ def test_report_marks_double_descent_for_noisy_lottery_runs(tmp_path, capsys):
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "Sparse double descent" in page and "<td>0.3</td>" in page
     assert (tmp_path / "rep" / "double_descent.png").exists()
+
+
+def test_saved_weights_of_a_resumed_phase_equal_an_uninterrupted_one(tmp_path):
+    from ticketlab.data import from_tensors
+    from ticketlab.errors import RunInterrupted
+    from ticketlab.models import build
+    from ticketlab.train import request_stop, stop_on_signals, train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    data = from_tensors(x[:240], (x[:240, 0] > 0).long(), x[240:], (x[240:, 0] > 0).long())
+    spec = Spec(dataset="custom", steps="50it", eval_every="20it", batch_size=16,
+                save_every="10it", checkpoint_every="1000it", checkpoint_seconds=0)  # fmt: skip
+
+    class StopAt:
+        def __init__(self, at):
+            self.at = at
+
+        def after_step(self, step, *args):
+            if step + 1 == self.at:
+                request_stop()
+
+    def model():
+        return build("lenet_300_100", (8,), 2, 0.1, "xavier_normal", 3)
+
+    train(model(), data, spec, workdir=tmp_path / "whole")
+    with stop_on_signals(), pytest.raises(RunInterrupted):
+        train(model(), data, spec, workdir=tmp_path / "split", callbacks=[StopAt(25)])
+    assert saved_steps(tmp_path / "split") == [0, 10, 20]
+    train(model(), data, spec, workdir=tmp_path / "split", callbacks=[StopAt(-1)])
+    assert (
+        saved_steps(tmp_path / "split")
+        == saved_steps(tmp_path / "whole")
+        == [0, 10, 20, 30, 40, 50]
+    )
+    for s in (0, 10, 20, 30, 40, 50):
+        a = load_state(tmp_path / "whole" / "saved" / f"step-{s}.safetensors")
+        b = load_state(tmp_path / "split" / "saved" / f"step-{s}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), s
