@@ -346,3 +346,26 @@ def derive_fresh_seed(seed: int) -> int:
     from .spec import derive_seed
 
     return derive_seed(seed, 0, "layer-reinit")
+
+
+def double_descent_points(accuracy: list[float], spread: list[float] | None = None, tol=0.002):
+    """The shape of a sparse double descent (He et al. 2022) in a test-accuracy curve
+    ordered from dense to sparse: ``(first, peak, second)`` indices, where the test error
+    has its first minimum (best accuracy before the dip), its peak between (the dip in
+    accuracy) and its second minimum (the best accuracy after the dip, the "sweet spot");
+    ``None`` when the curve has no dip. Of all dips, the deepest is taken; it counts when
+    its depth (the smaller rise on either side) exceeds ``tol`` and the mean ``spread``
+    (e.g. the std over replicates) at the three points."""
+    n = len(accuracy)
+    best = None
+    for i in range(1, n - 1):
+        j = max(range(i), key=lambda t: (accuracy[t], -t))
+        k = max(range(i + 1, n), key=lambda t: (accuracy[t], -t))
+        depth = min(accuracy[j] - accuracy[i], accuracy[k] - accuracy[i])
+        if best is None or depth > best[0]:
+            best = (depth, j, i, k)
+    if best is None:
+        return None
+    depth, j, i, k = best
+    noise = sum(spread[t] for t in (j, i, k)) / 3 if spread else 0.0
+    return (j, i, k) if depth > max(tol, noise) else None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset
+from .data import Dataset, with_label_noise
 from .data import load as load_data
 from .distributed import data_parallel, is_writer, mirror_dir
 from .errors import Diverged, UsageError, WorkFailed
@@ -66,6 +66,12 @@ def replicate_seed(spec: Spec, replicate: int, purpose: str) -> int:
     return derive_seed(spec.seed if given is None else given, replicate, purpose)
 
 
+def label_noise_seed(spec: Spec) -> int:
+    """The seed that picks the noisy training labels: one noisy data set per run (its
+    replicates share it, as they share the validation split)."""
+    return derive_seed(spec.seed, 0, "label-noise")
+
+
 class Experiment:
     """What every method shares, bound to its run directory.
 
@@ -90,9 +96,7 @@ class Experiment:
             )
         self.spec = spec
         self.data = (
-            data
-            if data is not None
-            else load_data(
+            load_data(
                 spec.dataset,
                 data_dir=spec.data_dir,
                 val_size=spec.val_size,
@@ -101,7 +105,11 @@ class Experiment:
                 workers=spec.workers,
                 bad_files=spec.bad_files,
                 image_size=spec.image_size,
+                label_noise=spec.label_noise,
+                noise_seed=label_noise_seed(spec),
             )
+            if data is None
+            else with_label_noise(data, spec.label_noise, label_noise_seed(spec))
         )
         shape, classes = self.data.input_shape, self.data.num_classes
         if model_fn is None:

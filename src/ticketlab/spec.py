@@ -48,6 +48,8 @@ NOT_HASHED = frozenset(
         # callables cannot be hashed or stored: `objective` names them in the hash
         "loss_fn",
         "metrics_fn",
+        # extra weight files over training: what is trained is the same
+        "save_every",
     }
 )
 # Fields that are never written to spec.json (not JSON values).
@@ -66,7 +68,15 @@ PRUNING_FIELDS = frozenset(
         "retrain_steps",
     }
 )
-STEP_FIELDS = ("steps", "warmup", "eval_every", "rewind", "retrain_steps", "checkpoint_every")
+STEP_FIELDS = (
+    "steps",
+    "warmup",
+    "eval_every",
+    "rewind",
+    "retrain_steps",
+    "checkpoint_every",
+    "save_every",
+)
 
 _STEP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(it|ep)\s*$")
 
@@ -133,6 +143,8 @@ class Spec:
     workers: int = 0
     bad_files: str = "fail"
     image_size: int | None = None
+    # fraction of training labels changed to another class (He et al. 2022); 0: clean
+    label_noise: float = 0.0
     # model
     model: str = "lenet_300_100"
     width: float = 1.0
@@ -151,6 +163,8 @@ class Spec:
     warmup: str = "0it"
     eval_every: str = "1ep"
     eval_batch_size: int = 1000
+    # save the weights every this many steps (None: never), for analyses over training
+    save_every: str | None = None
     # a checkpoint every this many steps or this many seconds, whichever comes first
     # (seconds 0: steps only); Ctrl-C and SIGTERM always write one
     checkpoint_every: str = "1000it"
@@ -362,6 +376,14 @@ def validate(spec: Spec) -> None:
         raise UsageError(f"checkpoint seconds must be >= 0; got {spec.checkpoint_seconds}")
     if spec.eval_batch_size <= 0:
         raise UsageError(f"eval batch size must be positive; got {spec.eval_batch_size}")
+    if (
+        isinstance(spec.label_noise, bool)
+        or not isinstance(spec.label_noise, (int, float))
+        or not 0.0 <= spec.label_noise < 1.0
+    ):
+        raise UsageError(f"label noise must be a fraction in [0, 1); got {spec.label_noise}")
+    if spec.save_every is not None and parse_steps(spec.save_every, 1, "save-every") <= 0:
+        raise UsageError("save-every must be positive")
     if spec.val_size is not None and spec.val_size < 0:
         raise UsageError(f"val size must be >= 0; got {spec.val_size}")
     if spec.levels < 0:

@@ -32,8 +32,8 @@ from .distributed import data_parallel
 from .errors import DataError, Diverged, RunInterrupted, UsageError
 from .masks import Mask, MaskKeeper
 from .masks.sparse import SparseKernels, choose_kernels
-from .runs import atomic_path, pack_state, read_state_file
-from .spec import Resolved, Spec, resolve, select_key
+from .runs import atomic_path, pack_state, read_state_file, save_state
+from .spec import Resolved, Spec, parse_steps, resolve, select_key
 
 # Set by the signal handler; read once per step.
 _stop_requested = False
@@ -319,6 +319,21 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
 # the loop ------------------------------------------------------------------
 
 
+def saved_weights_path(workdir: str | os.PathLike, step: int) -> Path:
+    """Where ``--save-every`` keeps a phase's weights at ``step`` (compact safetensors)."""
+    return Path(workdir) / "saved" / f"step-{step}.safetensors"
+
+
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps at which a phase's weights were saved, in order."""
+    found = []
+    for p in (Path(workdir) / "saved").glob("step-*.safetensors"):
+        tail = p.name[len("step-") : -len(".safetensors")]
+        if tail.isdigit():
+            found.append(int(tail))
+    return sorted(found)
+
+
 def _sparse_kernels(model, mask, spec, optimizer, callbacks, batch, chosen):
     """The phase's CSR kernels (None: all dense) and the weight names they took.
 
@@ -461,6 +476,20 @@ def train(
     select = select_key(spec.select)[0]
     rows: list[dict] = []
     step, seconds = start, 0.0
+    # weights every `save_every` steps (spec.save_every), kept for analyses over training
+    save_every = (
+        parse_steps(spec.save_every, res.steps_per_epoch, "save-every")
+        if spec.save_every is not None and workdir is not None
+        else 0
+    )
+
+    def save_weights(at: int) -> None:
+        path = saved_weights_path(workdir, at)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            save_state(path, state, keeper.mask)
+
     sparse, sparse_layers = None, None  # CSR kernels of the phase, set below
 
     def record(at: int, extra: dict | None = None) -> None:
@@ -494,6 +523,8 @@ def train(
             metrics_path.write_text("")
         if step in snapshot_steps and on_snapshot:
             on_snapshot(step, model)
+        if save_every and step % save_every == 0:
+            save_weights(step)
         record(step)
 
     if streamed:  # resumable: the loader starts at `step`, with the batches it would have
@@ -586,6 +617,10 @@ def train(
             if sparse is not None:
                 sparse.write_back()
             on_snapshot(step, model)
+        if save_every and step % save_every == 0:
+            if sparse is not None:
+                sparse.write_back()
+            save_weights(step)
         evaluating = step % res.eval_every == 0 or step == end
         # checkpoints have their own interval (the end of a phase needs none: its caller
         # writes the final weights); an interruption always writes one

@@ -98,6 +98,12 @@ def common_flags(p: argparse.ArgumentParser) -> None:
         help="stop a phase after this many evaluations without a better --select "
         "(default 0: never)",
     )
+    g.add_argument(
+        "--label-noise",
+        type=float,
+        help="fraction of training labels changed to another class, seeded (default 0; the "
+        "validation and test labels stay clean)",
+    )
     g.add_argument("--steps", help="budget of each training phase: '50000it' or '40ep'")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optimizer", help="sgd, adam or rmsprop")
@@ -118,6 +124,11 @@ def common_flags(p: argparse.ArgumentParser) -> None:
         "--checkpoint-seconds",
         type=float,
         help="also checkpoint after this many seconds (default 60; 0: by steps only)",
+    )
+    g.add_argument(
+        "--save-every",
+        help="also save the weights every this many steps ('100it'), for ticketlab fisher; "
+        "not part of the run's identity",
     )
     g.add_argument(
         "--kernels",

@@ -5,6 +5,7 @@ from . import structure
 from .augment import augment_crop_flip
 from .batching import BatchSampler, batch_indices
 from .dataset import Dataset, from_tensors
+from .noise import noisy_labels, with_label_noise
 from .registry import DATASETS, STREAMED, describe_datasets, load
 from .streaming import StreamingData, from_datasets
 
@@ -20,5 +21,7 @@ __all__ = [
     "from_datasets",
     "from_tensors",
     "load",
+    "noisy_labels",
     "structure",
+    "with_label_noise",
 ]

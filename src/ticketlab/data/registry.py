@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ticketlab.errors import DataError
+from ticketlab.errors import DataError, UsageError
 
 from . import generated, sources
 from .dataset import build
+from .noise import with_label_noise
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def load(
     workers: int = 0,
     bad_files: str = "fail",
     image_size: int | None = None,
+    label_noise: float = 0.0,
+    noise_seed: int = 0,
 ):
     """Load a named dataset into memory, hold out `val_size` training examples (the dataset's
     default when None) by `split_seed`, and normalise with training-split statistics.
@@ -129,9 +132,14 @@ def load(
     ``imagefolder`` reads ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``
     while training (a :class:`~ticketlab.data.streaming.StreamingData`), with ``workers``
     DataLoader processes, ``bad_files`` ``fail`` or ``skip`` and ``image_size``.
+    `label_noise` p changes a fraction p of the training labels (after the split; the
+    validation and test labels stay clean) to other classes, chosen by `noise_seed`.
     """
     if name == "imagefolder":
         from .folder import image_folder
+
+        if label_noise:
+            raise UsageError("--label-noise needs a dataset in memory; imagefolder is streamed")
 
         return image_folder(
             data_dir,
@@ -146,7 +154,7 @@ def load(
     x_train, y_train, x_test, y_test = info.read(data_dir, download_hint)
     if augment is None:
         augment = info.augment
-    return build(
+    data = build(
         name,
         x_train,
         y_train,
@@ -158,6 +166,7 @@ def load(
         scale=info.scale,
         augment="crop_flip" if augment else None,
     )
+    return with_label_noise(data, label_noise, noise_seed)
 
 
 def describe_datasets() -> list[dict]:

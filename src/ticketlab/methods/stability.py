@@ -47,7 +47,7 @@ from pathlib import Path
 from ..analysis import instability, interpolation_path
 from ..data import load as load_data
 from ..errors import UsageError
-from ..experiment import replicate_seed
+from ..experiment import label_noise_seed, replicate_seed
 from ..masks import Mask, model_density
 from ..models import build
 from ..protocols import rewind, snapshot
@@ -133,6 +133,8 @@ class Stability:
             val_size=spec.val_size,
             split_seed=spec.seed,
             augment=spec.augment,
+            label_noise=spec.label_noise,
+            noise_seed=label_noise_seed(spec),
         )
         self.spe = steps_per_epoch(self.data, spec.batch_size)
         self.res = resolve(spec, self.spe)

@@ -14,6 +14,14 @@ the per-layer densities) and writes:
 - ``noise.png`` for noise-robustness runs: test accuracy against the noise
   level (the fraction of pixels set bright, or the Gaussian scale), one line per
   network;
+- ``double_descent.png`` when a lottery run has label noise: tickets' test accuracy
+  against density, with and without noise, the two test-error minima and the peak
+  between them marked where a curve has them (He et al. 2022);
+- ``fisher.png`` for runs with ``fisher.csv`` (``ticketlab fisher``): the Fisher trace
+  against the step, dense level and tickets, per layer, early-bird draws and stability
+  rewind points of the runs given marked;
+- ``dissect-<run>.png`` for runs with ``dissect.csv`` (``ticketlab dissect``):
+  interpretable units and concepts per layer against density, with test accuracy;
 - ``report.html`` with every figure and the numbers behind it. A row is marked
   ``matching`` when its mean test accuracy is at least the dense network's mean
   minus one std over replicates (Frankle et al.).
@@ -31,8 +39,12 @@ from .sections import (
     continual_section,
     curve_groups,
     density_lines,
+    dissect_section,
     diverged_section,
+    double_descent_section,
     early_stop_section,
+    fisher_figure,
+    fisher_section,
     layer_section,
     load_runs,
     matching_threshold,
@@ -78,6 +90,13 @@ def build_report(run_dirs, out_dir, points: list[dict] | None = None) -> Path:
     continual = [r for r in runs if "eval_task" in r.columns]
     if continual:
         sections.append(continual_section(continual, out))
+    for extra in (
+        double_descent_section(runs, summaries, out),
+        fisher_section(runs, out),
+        dissect_section(runs, out),
+    ):
+        if extra is not None:
+            sections.append(extra)
     failed = diverged_section(runs)
     if failed is not None:
         sections.insert(0, failed)
@@ -98,6 +117,7 @@ __all__ = [
     "build_report",
     "continual_section",
     "diverged_section",
+    "fisher_figure",
     "curve_groups",
     "density_lines",
     "load_runs",

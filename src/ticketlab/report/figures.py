@@ -190,3 +190,97 @@ def layer_reinit_bars(rows: list[dict], title: str, path: Path) -> Path:
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def fisher_curves(
+    series: list[dict], layers: list[dict], marks: list[tuple[float, str]], path: Path
+) -> Path:
+    """The trace of the Fisher information against the step: ``series`` (one line per
+    level, ``{"label", "step", "trace", "density"}``), ``layers`` (the dense level's
+    trace per layer, same keys but no density) and ``marks`` (vertical lines at steps:
+    an early-bird draw, stability rewind points)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    cmap = plt.get_cmap("viridis")
+    ds = sorted({s["density"] for s in series}, reverse=True)
+    for s in series:
+        shade = ds.index(s["density"]) / max(len(ds) - 1, 1)
+        dense = s["density"] >= 1.0
+        axes[0].plot(
+            s["step"], s["trace"], marker="o", ms=2.5, lw=2 if dense else 1.2,
+            color="black" if dense else cmap(0.9 * shade), label=s["label"],
+        )  # fmt: skip
+    for s in layers:
+        axes[1].plot(s["step"], s["trace"], marker="o", ms=2.5, label=s["label"])
+    styles = ["--", ":", "-."]
+    kinds = list(dict.fromkeys(name.split(" ")[0] for _, name in marks))
+    for ax in axes:
+        for step, name in marks:
+            ls = styles[kinds.index(name.split(" ")[0]) % len(styles)]
+            ax.axvline(step, color="red", ls=ls, lw=1, alpha=0.7)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.grid(True, alpha=0.3)
+    for step, name in marks:  # each mark named once, on the first panel
+        axes[0].plot([], [], color="red", ls=styles[kinds.index(name.split(" ")[0]) % 3],
+                     label=f"{name} (step {step:g})")  # fmt: skip
+    axes[0].set_ylabel("trace of the Fisher information")
+    axes[0].set_title("Fisher trace: dense level and tickets")
+    axes[1].set_ylabel("trace of the Fisher information (per layer)")
+    axes[1].set_title("Per layer, dense level")
+    axes[0].legend(fontsize=7)
+    if layers:
+        axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def dissection(levels: list[dict], layers: list[str], title: str, path: Path) -> Path:
+    """Interpretable units and distinct concepts per layer against density, with test
+    accuracy on a second y axis: ``levels`` rows ``{"density", "accuracy", "units":
+    {layer: n}, "concepts": {layer: n}}``."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    d = [row["density"] for row in levels]
+    for ax, key, ylabel in (
+        (axes[0], "units", "interpretable units"),
+        (axes[1], "concepts", "distinct concepts detected"),
+    ):
+        for name in layers:
+            ax.plot(d, [row[key].get(name, 0) for row in levels], marker="o", ms=3.5, label=name)
+        density_axis(ax, d)
+        ax.set_ylabel(ylabel)
+        twin = ax.twinx()
+        twin.plot(d, [100 * row["accuracy"] for row in levels], color="black", ls="--",
+                  marker="s", ms=3, label="test accuracy")  # fmt: skip
+        twin.set_ylabel("test accuracy %")
+        lines = ax.get_legend_handles_labels()
+        extra = twin.get_legend_handles_labels()
+        ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def double_descent(series: list[dict], title: str, path: Path) -> Path:
+    """Test accuracy against density with the points of a double descent marked:
+    ``series`` as :func:`metric_vs_density` takes, each with ``points`` (indices of the
+    first error minimum, the error peak and the second error minimum) or None."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    all_d = []
+    for s in series:
+        d, m, sd = s["density"], s["mean"], s["std"]
+        all_d += d
+        (line,) = ax.plot(d, m, marker="o", ms=3.5, label=s["label"], ls=s.get("ls", "-"))
+        lo = [a - b for a, b in zip(m, sd)]
+        hi = [a + b for a, b in zip(m, sd)]
+        ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+        if s.get("points"):
+            j, i, k = s["points"]
+            ax.scatter([d[j], d[k]], [m[j], m[k]], marker="v", s=80, color=line.get_color(),
+                       edgecolor="black", zorder=5)  # fmt: skip
+            ax.scatter([d[i]], [m[i]], marker="^", s=80, facecolor="white",
+                       edgecolor=line.get_color(), zorder=5)  # fmt: skip
+    ax.scatter([], [], marker="v", color="gray", edgecolor="black", label="test-error minima")
+    ax.scatter([], [], marker="^", facecolor="white", edgecolor="gray", label="error peak")
+    density_axis(ax, all_d)
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(title)
+    ax.legend(fontsize=8, title=BAND_NOTE, title_fontsize=7)
+    return _save(fig, path)

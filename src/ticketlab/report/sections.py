@@ -810,3 +810,217 @@ def raw_section(runs) -> Section:
             )
         )
     return section
+
+
+# analyses over training and over units ------------------------------------------------
+
+
+def fisher_marks(runs) -> list[tuple[float, str]]:
+    """Steps to mark on a Fisher curve: each early-bird run's draw (its drawing epoch in
+    steps) and each stability run's rewind points."""
+    marks = []
+    for r in runs:
+        spe = r.spec.get("steps_per_epoch")
+        epochs = sorted(
+            {
+                int(_num(row["draw_epoch"]))
+                for row in r.rows
+                if _num(row.get("draw_epoch")) == _num(row.get("draw_epoch"))
+            }
+        )  # noqa: E501
+        if spe and epochs:
+            marks += [(float(e * spe), f"early-bird draw ({r.label})") for e in epochs]
+        ks = sorted({int(_num(row["rewind_step"])) for row in r.rows if row.get("rewind_step")})
+        marks += [(float(k), f"stability rewind k={k} ({r.label})") for k in ks]
+    return marks
+
+
+def fisher_section(runs, out: Path) -> Section | None:
+    """The trace of the Fisher information against the step (``fisher.csv``), dense level
+    and tickets overlaid (means over replicates), per layer for the dense level, with the
+    early-bird draw and the stability rewind points of the other runs marked."""
+    with_fisher = [r for r in runs if (r.path / "fisher.csv").exists()]
+    if not with_fisher:
+        return None
+    series, layers, tables = [], [], []
+    for r in with_fisher:
+        rows = read_csv(r.path / "fisher.csv")
+        groups: dict[tuple, list[float]] = {}
+        density: dict[tuple, float] = {}
+        for row in rows:
+            key = (int(row["level"]), row["variant"], row["layer"], int(row["step"]))
+            groups.setdefault(key, []).append(_num(row["trace"]))
+            density[key[:2]] = _num(row["density"])
+        levels = sorted({k[:2] for k in groups})
+        table_rows = []
+        for level, variant in levels:
+            pts = sorted((k[3], v) for k, v in groups.items() if k[:3] == (level, variant, "all"))
+            d = density[(level, variant)]
+            name = f"{r.label} level {level} {variant} ({_pct(d, 1)}%)"
+            means = [mean_std(v) for _, v in pts]
+            series.append(
+                {"label": name, "step": [s for s, _ in pts], "trace": [m for m, _ in means],
+                 "density": d}
+            )  # fmt: skip
+            table_rows += [
+                [str(level), variant, _pct(d, 1), str(s), str(len(v)), f"{m:.4g}", f"{sd:.3g}"]
+                for (s, v), (m, sd) in zip(pts, means)
+            ]
+        first = levels[0] if levels else None
+        names = sorted({k[2] for k in groups if k[:2] == first and k[2] != "all"})
+        for layer in names:
+            pts = sorted((k[3], mean_std(v)[0]) for k, v in groups.items()
+                         if k[:3] == (*first, layer))  # fmt: skip
+            layers.append(
+                {"label": f"{r.label} {layer}", "step": [p[0] for p in pts],
+                 "trace": [p[1] for p in pts]}
+            )  # fmt: skip
+        tables.append(
+            Table(
+                f"{r.label}: trace of the Fisher information",
+                ["level", "variant", "weights %", "step", "n", "trace mean", "std"],
+                table_rows,
+                str(r.path / "fisher.csv"),
+            )
+        )
+    marks = fisher_marks(runs)
+    png = figures.fisher_curves(series, layers, marks, out / "fisher.png")
+    return Section(
+        "Fisher information over training",
+        text="Trace of the Fisher information E_x E_{y~p(y|x)} ||∇ log p(y|x)||² at each saved"
+        " step (Achille, Rovere & Soatto 2019), labels sampled from the model; a ticket's"
+        " trace counts its kept weights only. Red lines: early-bird draw steps and"
+        " stability rewind points of the runs given.",
+        figures=[
+            (
+                png,
+                "Fisher trace against step: dense level (black) and tickets; right, per"
+                " layer of the dense level (means over replicates).",
+            )
+        ],  # fmt: skip
+        tables=tables,
+    )
+
+
+def dissect_section(runs, out: Path) -> Section | None:
+    """Interpretable units and concepts per layer against density (``dissect.csv``), with
+    test accuracy on the same axes (means over replicates)."""
+    with_units = [r for r in runs if (r.path / "dissect.csv").exists()]
+    if not with_units:
+        return None
+    section = Section(
+        "Interpretable units (dissection)",
+        text="A unit is interpretable when it is a class detector (class selectivity index,"
+        " Morcos et al. 2018, at least the threshold) or a concept detector (IoU of its"
+        " top-quantile activation map with a concept mask at least the IoU threshold, network"
+        " dissection); concepts are the distinct classes and concepts a layer's units detect"
+        " (Frankle & Bau 2019 read their count against density).",
+    )
+    for r in with_units:
+        rows = [x for x in read_csv(r.path / "dissect.csv") if x["variant"] in ("ticket", "dense")]
+        layer_names = list(dict.fromkeys(x["layer"] for x in rows))
+        by_level: dict[int, list[dict]] = {}
+        for x in rows:
+            by_level.setdefault(int(x["level"]), []).append(x)
+        levels, table_rows = [], []
+        for level, xs in sorted(by_level.items()):
+            reps = {x["replicate"] for x in xs}
+            entry = {"density": sum(_num(x["density"]) for x in xs) / len(xs), "units": {},
+                     "concepts": {}}  # fmt: skip
+            accs = {x["replicate"]: _num(x["test_accuracy"]) for x in xs}
+            entry["accuracy"] = sum(accs.values()) / len(accs)
+            for name in layer_names:
+                here = [x for x in xs if x["layer"] == name]
+                entry["units"][name] = sum(int(x["interpretable"]) for x in here) / len(reps)
+                entry["concepts"][name] = sum(int(x["concepts"]) for x in here) / len(reps)
+                table_rows.append(
+                    [str(level), _pct(entry["density"], 1), _pct(entry["accuracy"]), name,
+                     here[0]["units"] if here else "",
+                     f"{sum(int(x['class_detectors']) for x in here) / len(reps):g}",
+                     f"{sum(int(x['concept_detectors']) for x in here) / len(reps):g}",
+                     f"{entry['units'][name]:g}", f"{entry['concepts'][name]:g}",
+                     here[0]["labels"] if len(reps) == 1 and here else ""]
+                )  # fmt: skip
+            levels.append(entry)
+        png = figures.dissection(
+            levels, layer_names, f"{r.label}: interpretable units",
+            out / f"dissect-{_slug(r.label)}.png",
+        )  # fmt: skip
+        section.figures.append(
+            (png, f"{r.label}: interpretable units (left) and concepts (right) per layer,"
+                  " test accuracy dashed.")
+        )  # fmt: skip
+        section.tables.append(
+            Table(
+                f"{r.label}: dissection per level and layer",
+                ["level", "weights %", "test acc %", "layer", "units", "class det.",
+                 "concept det.", "interpretable", "concepts", "labels"],
+                table_rows,
+                str(r.path / "dissect.csv"),
+            )
+        )  # fmt: skip
+    return section
+
+
+def double_descent_section(runs, summaries, out: Path) -> Section | None:
+    """Test accuracy against density of lottery runs, with and without label noise, and
+    the points of a sparse double descent (He et al. 2022) marked where the curve has one:
+    the two test-error minima and the error peak between them."""
+    from ..analysis import double_descent_points
+
+    lottery = [r for r in runs if r.method == "lottery"]
+    if not any("label_noise" in (r.spec.get("identity") or {}) for r in lottery):
+        return None
+    series, rows = [], []
+    for r in lottery:
+        noise = (r.spec.get("identity") or {}).get("label_noise", 0.0)
+        ss = sorted((s for s in summaries[r.label] if s["variant"] == "ticket"),
+                    key=lambda s: -s["density"])  # fmt: skip
+        if not ss:
+            continue
+        acc = [100 * s["acc_mean"] for s in ss]
+        sd = [100 * s["acc_std"] for s in ss]
+        pts = double_descent_points(acc, sd, tol=0.2)
+        series.append(
+            {
+                "label": f"{r.label} (label noise {noise:g})",
+                "density": [s["density"] for s in ss],
+                "mean": acc,
+                "std": sd,
+                "points": pts,
+            }
+        )
+        if pts is None:
+            rows.append([r.label, f"{noise:g}", "no dip", "", "", ""])
+        else:
+            j, i, k = pts
+            rows.append(
+                [r.label, f"{noise:g}", str(ss[0]["n"])]
+                + [f"{_pct(ss[t]['density'], 1)}% ({acc[t]:.2f})" for t in (j, i, k)]
+            )
+    png = figures.double_descent(series, "Sparse double descent", out / "double_descent.png")
+    return Section(
+        "Sparse double descent",
+        text="Tickets' test accuracy (clean test labels) against weights remaining, runs with"
+        " and without label noise on the training labels. Marked where a curve dips and"
+        " recovers by more than the std over replicates (and 0.2 pp): the two test-error"
+        " minima (▼) and the error peak between them (△), as He et al. 2022 describe.",
+        figures=[(png, f"Test accuracy (mean, {figures.BAND_NOTE}).")],
+        tables=[
+            Table(
+                "double descent points: weights % (test acc %)",
+                ["run", "label noise", "n", "error minimum 1", "error peak", "error minimum 2"],
+                rows,
+            )
+        ],
+    )
+
+
+def fisher_figure(run_dirs, out_dir) -> Path:
+    """``fisher.png`` in ``out_dir`` for runs that hold ``fisher.csv`` (other runs mark)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    section = fisher_section(load_runs(run_dirs), out)
+    if section is None:
+        raise UsageError("no fisher.csv in the given runs: run ticketlab fisher first")
+    return section.figures[0][0]
