@@ -161,3 +161,28 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path):
     assert main([*base, "--rank-fraction", "1.5"]) == 2
     assert main([*base, "--rank-fraction", "0.5", "--dense-layers", "nope"]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_report_draws_low_rank_and_pruning_against_parameters(tmp_path):
+    from ticketlab.report import build_report
+
+    assert _lowrank(tmp_path / "runs") == 0
+    prune = [
+        "prune", "--dataset", "xor", "--width", "0.2", "--steps", "40it", "--batch-size", "32",
+        "--eval-every", "20it", "--criterion", "magnitude", "--when", "trained",
+        "--protocol", "finetune", "--density", "0.3", "--runs-dir", tmp_path / "runs", "--quiet",
+    ]  # fmt: skip
+    assert main([str(a) for a in prune]) == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    page = build_report(runs, tmp_path / "report")
+    assert (tmp_path / "report" / "parameters.png").exists()
+    html = page.read_text()
+    assert "Accuracy against parameters" in html
+    low = next(r for r in runs if r.name.startswith("lowrank-"))
+    row = next(r for r in read_csv(low / "results.csv") if r["variant"] == "lowrank")
+    assert f"{int(row['params']):,}" in html
+    pruned = next(r for r in runs if r.name.startswith("prune-"))
+    prow = next(r for r in read_csv(pruned / "results.csv") if r["variant"] == "magnitude")
+    total = parameter_count(build("lenet_300_100", (2,), 2, 0.2))
+    assert f"{round(float(prow['density_all']) * total):,}" in html
+    assert "prune: magnitude" in html and "lowrank: lowrank" in html
