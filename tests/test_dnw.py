@@ -197,3 +197,18 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, tiny_images):
     assert _dnw(tmp_path, "--sparsity", "0.9", "--layers", "depthwise") == 2
     assert _dnw(tmp_path, "--sparsity", "0.9", "--layers", "pointwise") == 2  # an MLP has none
     assert not list(tmp_path.iterdir())
+
+
+def test_pointwise_run_on_mobilenet_keeps_the_rest_dense(tmp_path, tiny_images):
+    args = ["--model", "mobilenet_v1", "--width", "0.125", "--sparsity", "0.9"]
+    assert _dnw(tmp_path, *args, "--layers", "pointwise") == 0
+    (run,) = tmp_path.iterdir()
+    (row,) = read_csv(run / "results.csv")
+    assert row["layers"] == "pointwise" and float(row["wired_density"]) == 0.1
+    state = load_state(run / "replicate-0" / "level-1" / "dnw" / "weights_end.safetensors")
+    for name, w in state.items():
+        if name.endswith("pointwise.weight"):
+            assert int(torch.count_nonzero(w)) <= kept_count(w.numel(), 0.1), name
+        elif name.endswith("depthwise.weight") or name in ("conv.weight", "fc.weight"):
+            assert bool((w != 0).all()), name
+    assert float(row["macs"]) < float(row["macs_dense"])

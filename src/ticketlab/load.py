@@ -62,6 +62,9 @@ def _shrunk_to(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """``model`` with units removed so that its shapes are those of ``state``."""
     from .pruning.structured import groups, is_resnet, remove_units
 
+    own = model.state_dict()
+    if all(own[k].shape == v.shape for k, v in state.items() if k in own):
+        return model  # nothing removed (and models structured pruning does not know load)
     mods = dict(model.named_modules())
     keep = {}
     for g in groups(model, residual=is_resnet(model)):
