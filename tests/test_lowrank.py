@@ -186,3 +186,5 @@ def test_report_draws_low_rank_and_pruning_against_parameters(tmp_path):
     total = parameter_count(build("lenet_300_100", (2,), 2, 0.2))
     assert f"{round(float(prow['density_all']) * total):,}" in html
     assert "prune: magnitude" in html and "lowrank: lowrank" in html
+    section = html.split("Accuracy against parameters", 1)[1].split("</section>", 1)[0]
+    assert section.count(">dense</td>") == 1  # both runs' dense networks: one line, one row

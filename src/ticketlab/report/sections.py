@@ -408,7 +408,7 @@ def row_params(row: dict, total: int | None) -> float:
 def parameters_section(runs, out: Path) -> Section:
     """Test accuracy against parameters: low-rank replacement beside magnitude and
     structured pruning (or any run), one line per method and variant over all runs."""
-    groups: dict[tuple[str, str], dict[float, list[float]]] = {}
+    groups: dict[str, dict[float, list[float]]] = {}  # dense networks of all runs: one line
     for r in runs:
         total = _total_params(r)
         for row in r.rows:
@@ -419,11 +419,9 @@ def parameters_section(runs, out: Path) -> Section:
                 continue
             method = row.get("method") or r.method
             line = "dense" if row["variant"] == "dense" else f"{method}: {row['variant']}"
-            groups.setdefault((line, method), {}).setdefault(round(x), []).append(
-                _num(row["test_accuracy"])
-            )
+            groups.setdefault(line, {}).setdefault(round(x), []).append(_num(row["test_accuracy"]))
     series, rows = [], []
-    for (line, _method), points in sorted(groups.items()):
+    for line, points in sorted(groups.items()):
         xs = sorted(points)
         stats = [mean_std(points[x]) for x in xs]
         series.append(
