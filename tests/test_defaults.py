@@ -27,6 +27,8 @@ BARE = {
     "prune": ["--sparsity", "0.9"],
     "gradual": ["--sparsity", "0.9"],
     "dst": ["--sparsity", "0.9"],
+    "dnw": ["--sparsity", "0.9"],
+    "lowrank": ["--rank-fraction", "0.25"],
     "structured": ["--sparsity", "0.5"],
     "supermask": [],
     "supermask --algorithm bernoulli": ["--algorithm", "bernoulli"],

@@ -6,8 +6,10 @@ class count fix the architecture; a variant's ``weights_end`` (or
 ``weights_start``) file holds every parameter and buffer. Where those weights
 are smaller than the model the spec builds (``structured`` pruning, early-bird
 channel tickets), the missing units are removed first, so the network returned
-is the physically smaller one. The variant's mask, where it stored one, is
-applied, so pruned weights are exactly zero.
+is the physically smaller one; where they hold factorised layers (``lowrank``:
+``<layer>.0.weight`` and ``<layer>.1.weight`` in place of ``<layer>.weight``), those
+layers are replaced by their factor pairs at the stored ranks. The variant's mask,
+where it stored one, is applied, so pruned weights are exactly zero.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def _shrunk_to(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """``model`` with units removed so that its shapes are those of ``state``."""
     from .pruning.structured import groups, is_resnet, remove_units
 
+    own = model.state_dict()
+    if all(own[k].shape == v.shape for k, v in state.items() if k in own):
+        return model  # nothing removed (and models structured pruning does not know load)
     mods = dict(model.named_modules())
     keep = {}
     for g in groups(model, residual=is_resnet(model)):
@@ -89,6 +94,7 @@ def load_model(
     """
     from .data.registry import DATASETS
     from .models import build
+    from .models.lowrank import factorise_like
     from .runs import load_state
 
     run = Path(run_dir)
@@ -111,6 +117,7 @@ def load_model(
     model = build(spec["model"], info.input_shape, info.num_classes, spec["width"], spec["init"])
     state = load_state(path)
     model = _shrunk_to(model, state)
+    model = factorise_like(model, state)
     own = model.state_dict()
     extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
     wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]

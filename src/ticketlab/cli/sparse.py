@@ -1,6 +1,6 @@
-"""Sparse training: ``ticketlab dst`` (static, SET, RigL), ``early-bird`` (You et al.
-2020) and ``noise`` (sparse weights and k-winners under input noise, Ahmad &
-Scheinkman 2019)."""
+"""Sparse training: ``ticketlab dst`` (static, SET, RigL), ``dnw`` (Discovering Neural
+Wirings, Wortsman et al. 2019), ``early-bird`` (You et al. 2020) and ``noise`` (sparse
+weights and k-winners under input noise, Ahmad & Scheinkman 2019)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ def add_parsers(sub) -> None:
         "--t-end", type=float, help="fraction of training after which the mask is fixed (0.75)"
     )
     toggle(g, "--first-dense", "keep the first layer dense")
+
+    g = method_command(
+        sub,
+        "dnw",
+        "discovering neural wirings: train weights and wiring at once, top-k edges by |w| "
+        "forward, every weight updated (Wortsman et al. 2019)",
+        "ticketlab.methods.dnw",
+        "DNWSpec",
+        "DNWExperiment",
+        group="neural wirings",
+    )
+    target_flags(g, "edges of each wired layer")
+    g.add_argument(
+        "--layers",
+        help="which layers are wired: all (default) or pointwise (1x1 convs only, as the "
+        "paper does for MobileNetV1)",
+    )
 
     # --levels etc.: the lottery pipeline the FLOPs are compared with
     g = method_command(

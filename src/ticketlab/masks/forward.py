@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..errors import UsageError
 from . import Mask, prunable_weights
 
-MODES = ("fixed", "topk", "bernoulli")
+MODES = ("fixed", "topk", "bernoulli", "wiring")
 # how a bernoulli mask is evaluated: one binary mask drawn with a seeded generator (as the
 # reference samples at test time), the deterministic threshold sigmoid(s) > 0.5, or the
 # soft sigmoid(s), which is not a supermask (weights scaled by values in (0, 1))
@@ -57,6 +57,19 @@ class _TopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, density: float) -> Tensor:
         return topk_mask(scores, density).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _TopEdges(torch.autograd.Function):
+    """The top ``density`` of |w| in the forward pass; the gradient reaches every weight
+    (Discovering Neural Wirings: pruned edges keep learning, so they can come back)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, density: float) -> Tensor:
+        return weight * topk_mask(weight, density).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -79,12 +92,11 @@ def topk_mask(scores: Tensor, density: float) -> Tensor:
 
 
 def _linear_forward(self, x):
-    return F.linear(x, self.weight * self._fmask_handle._factor(self._fmask_name, self), self.bias)
+    return F.linear(x, self._fmask_handle._weight(self._fmask_name, self), self.bias)
 
 
 def _conv_forward(self, x):
-    w = self.weight * self._fmask_handle._factor(self._fmask_name, self)
-    return self._conv_forward(x, w, self.bias)
+    return self._conv_forward(x, self._fmask_handle._weight(self._fmask_name, self), self.bias)
 
 
 def _swap_forward(self, *args, **kwargs):
@@ -146,7 +158,10 @@ class MaskedWeights:
     ``density`` of |scores| per layer, straight-through gradient) or
     ``bernoulli`` (Zhou et al.: a mask sampled from sigmoid(scores) in training,
     straight-through gradient; ``rescale`` multiplies each layer by
-    numel / kept of the realised mask).
+    numel / kept of the realised mask) or ``wiring`` (Discovering Neural Wirings,
+    Wortsman et al. 2019: the weights are their own scores, the top ``density`` of
+    |w| per layer act in the forward pass and every weight gets the gradient of its
+    edge, so an edge outside the top k keeps learning and comes in once its |w| does).
 
     A bernoulli handle evaluates (module not training) one binary mask, the one
     :meth:`current_mask` returns: with ``eval_mask="sampled"`` it is ``u < sigmoid(s)``
@@ -179,7 +194,12 @@ class MaskedWeights:
         self._override: dict[str, Tensor] | None = None
         self._attached = False
 
-    # what each layer multiplies by ------------------------------------------
+    # what each layer computes with -----------------------------------------
+    def _weight(self, name: str, module: nn.Module) -> Tensor:
+        if self.mode == "wiring" and self._override is None:
+            return _TopEdges.apply(self.weight(name), self.density)
+        return module.weight * self._factor(name, module)
+
     def _factor(self, name: str, module: nn.Module) -> Tensor:
         if self._override is not None:
             return self._override[name]
@@ -272,6 +292,8 @@ class MaskedWeights:
                 out[name] = self._mask_of(name) != 0
             elif self.mode == "topk":
                 out[name] = topk_mask(self._scores_of(name), self.density)
+            elif self.mode == "wiring":
+                out[name] = topk_mask(self.weight(name), self.density)
             else:
                 out[name] = self._binary(name, self._scores_of(name))
         return Mask({k: v.cpu() for k, v in out.items()})
@@ -343,14 +365,18 @@ def attach(
     With ``mask`` (or nothing: all ones), ``m`` is that fixed boolean mask. With
     ``scores`` (one tensor per masked weight, same shapes), ``m`` is learned:
     ``mode="topk"`` (the default with scores) or ``"bernoulli"``; the scores
-    become trainable parameters ``<layer>.weight_scores``.
+    become trainable parameters ``<layer>.weight_scores``. ``mode="wiring"`` (no mask,
+    no scores) keeps the top ``density`` of each layer's |w| in the forward pass and
+    passes the gradient to every weight (DNW); the state dict stays the plain model's.
     """
     mode = mode or ("fixed" if scores is None else "topk")
     if mode not in MODES:
         raise UsageError(f"unknown forward-mask mode '{mode}'; choose from: {', '.join(MODES)}")
-    if mode == "fixed" and scores is not None:
+    if mode in ("fixed", "wiring") and scores is not None:
         raise UsageError("scores need mode topk or bernoulli")
-    if mode != "fixed" and (scores is None or mask is not None):
+    if mode == "wiring" and mask is not None:
+        raise UsageError("mode wiring ranks the weights themselves: give no mask")
+    if mode in ("topk", "bernoulli") and (scores is None or mask is not None):
         raise UsageError(f"mode {mode} needs scores (and no fixed mask)")
     if eval_mask not in EVAL_MASKS:
         raise UsageError(f"unknown eval mask '{eval_mask}'; choose from: {', '.join(EVAL_MASKS)}")
@@ -384,7 +410,7 @@ def attach(
             module.register_buffer(
                 mask_attr, torch.ones(w.shape, dtype=w.dtype, device=w.device), persistent=False
             )
-        else:
+        elif mode != "wiring":
             s = scores[name]
             if tuple(s.shape) != tuple(w.shape):
                 raise UsageError(f"scores for {name} have shape {tuple(s.shape)}, weight {w.shape}")

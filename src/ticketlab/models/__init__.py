@@ -18,6 +18,7 @@ from ticketlab.errors import UsageError
 from ticketlab.models.convnets import CONV_FC, CONV_FILTERS, VGG, VGG_CFGS, ConvNet
 from ticketlab.models.inits import INITS, canonical_init, initialize, layer_init_std
 from ticketlab.models.mlp import MLP
+from ticketlab.models.mobilenet import MobileNetV1
 from ticketlab.models.resnet import ResNet
 
 __all__ = [
@@ -79,12 +80,23 @@ def _mlp(hidden: list[int], description: str) -> ModelEntry:
     )
 
 
+def _no_activation(name: str, activation) -> None:
+    if activation is not None:
+        raise UsageError(f"model '{name}' takes no activation factory")
+
+
 MODELS: dict[str, ModelEntry] = {
     "lenet_300_100": _mlp([300, 100], "lenet_300_100: FC 300-100 ReLU, Frankle & Carbin 2019"),
     **{name: _conv(name) for name in CONV_FILTERS},
     **{name: _vgg(name) for name in VGG_CFGS},
     "resnet20": _resnet(20),
     "resnet56": _resnet(56),
+    "mobilenet_v1": ModelEntry(
+        "mobilenet_v1: conv3x3 stem + 13 depthwise-separable blocks (3x3 depthwise, 1x1 "
+        "pointwise, BN-ReLU) + global avg pool + FC, Howard et al. 2017 (CIFAR version)",
+        True,
+        lambda s, k, sc, act=None: _no_activation("mobilenet_v1", act) or MobileNetV1(s, k, sc),
+    ),
 }
 """Fixed names. The family `mlp_<w1>_<w2>...` (hidden widths in the name) is parsed by `build`."""
 

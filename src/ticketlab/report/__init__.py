@@ -22,6 +22,9 @@ the per-layer densities) and writes:
   rewind points of the runs given marked;
 - ``dissect-<run>.png`` for runs with ``dissect.csv`` (``ticketlab dissect``):
   interpretable units and concepts per layer against density, with test accuracy;
+- ``parameters.png`` when a low-rank run is given: test accuracy against parameter
+  count (a row's ``params``, else its nonzero parameters), one line per method and
+  variant over all runs, so low-rank, magnitude and structured pruning share an axis;
 - ``report.html`` with every figure and the numbers behind it. A row is marked
   ``matching`` when its mean test accuracy is at least the dense network's mean
   minus one std over replicates (Frankle et al.).
@@ -50,6 +53,7 @@ from .sections import (
     matching_threshold,
     mean_std,
     noise_section,
+    parameters_section,
     raw_section,
     stability_section,
     summarize,
@@ -87,6 +91,8 @@ def build_report(run_dirs, out_dir, points: list[dict] | None = None) -> Path:
     noisy = [r for r in runs if "noise" in r.columns]
     if noisy:
         sections.append(noise_section(noisy, out))
+    if any(r.method == "lowrank" for r in runs):
+        sections.append(parameters_section(runs, out))
     continual = [r for r in runs if "eval_task" in r.columns]
     if continual:
         sections.append(continual_section(continual, out))
@@ -124,5 +130,6 @@ __all__ = [
     "matching_threshold",
     "mean_std",
     "noise_section",
+    "parameters_section",
     "summarize",
 ]

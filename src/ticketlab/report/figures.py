@@ -121,11 +121,20 @@ def instability_vs_rewind(series: list[dict], title: str, path: Path) -> Path:
 
 
 def metric_vs_x(
-    series: list[dict], xlabel: str, ylabel: str, title: str, path: Path, integer_x: bool = False
+    series: list[dict],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    integer_x: bool = False,
+    log_x: bool = False,
 ) -> Path:
     """One line per series ``{"label", "x", "mean", "std"}`` on a linear x axis (e.g. the
-    scale of input noise), with a std band; ``integer_x`` puts ticks on whole numbers."""
+    scale of input noise), with a std band; ``integer_x`` puts ticks on whole numbers,
+    ``log_x`` makes the axis logarithmic (e.g. parameter counts)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if log_x:
+        ax.set_xscale("log")
     if integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for s in series:

@@ -572,6 +572,87 @@ def hopfield_part(runs, out: Path) -> tuple[list, list[Table], str]:
     return figs, tables, " ".join(notes)
 
 
+def _total_params(run: Run) -> int | None:
+    """All parameters of the dense network a run's spec names (None: not rebuildable)."""
+    from ..data.registry import DATASETS
+    from ..metrics import parameter_count
+    from ..models import build
+
+    spec = run.spec.get("spec", {})
+    ident = run.spec.get("identity", {})
+    name, dataset = spec.get("model"), spec.get("dataset")
+    if name is None or dataset not in DATASETS or ident.get("model", name) != name:
+        return None
+    if ident.get("dataset", dataset) != dataset:
+        return None
+    info = DATASETS[dataset]
+    try:
+        return parameter_count(build(name, info.input_shape, info.num_classes, spec["width"]))
+    except UsageError:
+        return None
+
+
+def row_params(row: dict, total: int | None) -> float:
+    """A row's parameter count: its ``params`` column (a network made physically smaller:
+    structured, low-rank), else its nonzero parameters, ``density_all`` x the dense count."""
+    if row.get("params") not in (None, ""):
+        return _num(row["params"])
+    if total is None:
+        return float("nan")
+    return _num(row.get("density_all")) * total
+
+
+def parameters_section(runs, out: Path) -> Section:
+    """Test accuracy against parameters: low-rank replacement beside magnitude and
+    structured pruning (or any run), one line per method and variant over all runs."""
+    groups: dict[str, dict[float, list[float]]] = {}  # dense networks of all runs: one line
+    for r in runs:
+        total = _total_params(r)
+        for row in r.rows:
+            if row.get("status", "done") not in ("done", ""):
+                continue
+            x = row_params(row, total)
+            if math.isnan(x):
+                continue
+            method = row.get("method") or r.method
+            line = "dense" if row["variant"] == "dense" else f"{method}: {row['variant']}"
+            groups.setdefault(line, {}).setdefault(round(x), []).append(_num(row["test_accuracy"]))
+    series, rows = [], []
+    for line, points in sorted(groups.items()):
+        xs = sorted(points)
+        stats = [mean_std(points[x]) for x in xs]
+        series.append(
+            {
+                "label": line,
+                "x": xs,
+                "mean": [100 * m for m, _ in stats],
+                "std": [100 * sd for _, sd in stats],
+            }
+        )
+        for x, (m, sd) in zip(xs, stats):
+            rows.append([line, f"{x:,}", str(len(points[x])), _pct(m), _pct(sd)])
+    png = figures.metric_vs_x(
+        series,
+        "parameters (nonzero, or of the smaller network)",
+        "test accuracy %",
+        "Accuracy against parameters",
+        out / "parameters.png",
+        log_x=True,
+    )
+    cols = ["method: variant", "parameters", "n", "test acc % mean", "std"]
+    return Section(
+        "Accuracy against parameters",
+        figures=[
+            (
+                png,
+                "Test accuracy against parameter count: low-rank factors, pruned networks "
+                f"(nonzero parameters) and structurally smaller ones (mean, {figures.BAND_NOTE}).",
+            )
+        ],
+        tables=[Table("accuracy against parameters", cols, rows, "results.csv of each run")],
+    )
+
+
 def early_stop_section(runs, summaries, out: Path) -> Section:
     series = density_lines(runs, summaries, "stop")
     png = figures.metric_vs_density(
