@@ -237,12 +237,13 @@ def random_topology(like: Genome, rng: np.random.Generator) -> Genome:
 @dataclass
 class Compiled:
     """A population laid out as one flat graph: ``layers`` holds, per depth, the global
-    ids of its nodes, their activations and the connections into them."""
+    ids of its nodes, the connections into them (sources, positions among the layer's
+    nodes, connection index) and the layer's nodes grouped by activation."""
 
     n_nodes: int
     input_index: torch.Tensor  # shared: (n_in+1,) ; per genome: (P, n_in+1)
     output_index: torch.Tensor  # (P, n_out)
-    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    layers: list[tuple]
     shared_inputs: bool
     n_edges: int
 
@@ -251,10 +252,8 @@ def compile_population(genomes: list[Genome], shared_inputs: bool = True) -> Com
     """Lay ``genomes`` out as one graph. With ``shared_inputs`` all read the same input
     nodes (a classification batch); otherwise each has its own (a control episode)."""
     n_in = genomes[0].n_in
-    base = n_in + 1 if shared_inputs else 0
-    total = base
-    ins, outs, node_depth, src, dst, edge_id = [], [], [], [], [], []
-    n_edges = 0
+    total = n_in + 1 if shared_inputs else 0
+    ins, outs, nodes, src, dst = [], [], [], [], []
     for g in genomes:
         d = depths(g)
         start = total
@@ -266,39 +265,28 @@ def compile_population(genomes: list[Genome], shared_inputs: bool = True) -> Com
             total += g.n_nodes
             ins.append(gid[: n_in + 1])
         outs.append([gid[v] for v in g.outputs])
-        for v in range(n_in + 1, g.n_nodes):
-            node_depth.append((gid[v], d[v], g.acts[v]))
-        for k, (s, t) in enumerate(g.edges):
-            src.append(gid[s])
-            dst.append(gid[t])
-            edge_id.append(n_edges + k)
-        n_edges += len(g.edges)
-    depth_of = {v: dd for v, dd, _ in node_depth}
-    layers = []
+        nodes += [(gid[v], d[v], g.acts[v]) for v in range(n_in + 1, g.n_nodes)]
+        src += [gid[s] for s, _ in g.edges]
+        dst += [gid[t] for _, t in g.edges]
+    depth_of = {v: dd for v, dd, _ in nodes}
     src_t, dst_t = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
-    eid_t = torch.tensor(edge_id, dtype=torch.long)
     edge_depth = torch.tensor([depth_of[t] for t in dst], dtype=torch.long)
-    for level in sorted({dd for _, dd, _ in node_depth}):
-        nodes = [(v, a) for v, dd, a in node_depth if dd == level]
-        ids = torch.tensor([v for v, _ in nodes], dtype=torch.long)
-        acts = torch.tensor([a for _, a in nodes], dtype=torch.long)
+    layers = []
+    for level in sorted({dd for _, dd, _ in nodes}):
+        members = [(v, a) for v, dd, a in nodes if dd == level]
+        ids = torch.tensor([v for v, _ in members], dtype=torch.long)
         pos = torch.full((total,), -1, dtype=torch.long)
         pos[ids] = torch.arange(len(ids))
-        sel = edge_depth == level
-        layers.append((ids, acts, src_t[sel], pos[dst_t[sel]], eid_t[sel]))
+        sel = (edge_depth == level).nonzero().squeeze(1)
+        groups = []
+        for a in sorted({a for _, a in members}):
+            cols = torch.tensor([i for i, (_, b) in enumerate(members) if b == a])
+            groups.append((ACT_FN[ACTIVATIONS[a]], cols, ids[cols]))
+        layers.append((ids, src_t[sel], pos[dst_t[sel]], sel, groups))
     input_index = torch.arange(n_in + 1) if shared_inputs else torch.tensor(ins, dtype=torch.long)
     return Compiled(
-        total, input_index, torch.tensor(outs, dtype=torch.long), layers, shared_inputs, n_edges
+        total, input_index, torch.tensor(outs, dtype=torch.long), layers, shared_inputs, len(src)
     )
-
-
-def apply_activations(pre: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """Each column of ``pre`` (last dim) through its node's activation."""
-    out = torch.empty_like(pre)
-    for a in torch.unique(acts).tolist():
-        cols = (acts == a).nonzero().squeeze(1)
-        out[..., cols] = ACT_FN[ACTIVATIONS[a]](pre[..., cols])
-    return out
 
 
 def forward(
@@ -311,34 +299,38 @@ def forward(
 
     ``x`` is ``(B, n_in)`` for shared inputs, else ``(W, P, B, n_in)``. ``weights`` (W,)
     are shared values (every connection of every network carries one); ``edge_weights``
-    ``(W, E)`` give each connection its own (for weight training)."""
+    ``(W, E)`` give each connection its own (for weight training). Node values are held
+    node-major, ``(nodes, W * B)``, so a layer gathers and scatters whole rows."""
     if (weights is None) == (edge_weights is None):
         raise ValueError("give weights or edge_weights")
     w_count = len(weights) if weights is not None else edge_weights.shape[0]
+    batch = x.shape[0] if net.shared_inputs else x.shape[2]
+    n = w_count * batch
+    values = x.new_zeros(net.n_nodes, n)
     if net.shared_inputs:
-        batch = x.shape[0]
+        values[0] = 1.0
+        values[1 : x.shape[1] + 1] = x.T.repeat(1, w_count)
     else:
-        batch = x.shape[2]
-    values = x.new_zeros(w_count, batch, net.n_nodes)
-    if net.shared_inputs:
-        values[:, :, 0] = 1.0
-        values[:, :, 1 : x.shape[1] + 1] = x
-    else:
-        p = net.input_index.shape[0]
-        bias = x.new_ones(w_count, p, batch, 1)
-        full = torch.cat([bias, x], dim=3).permute(0, 2, 1, 3).reshape(w_count, batch, -1)
-        values[:, :, net.input_index.reshape(-1)] = full
-    for ids, acts, src, pos, eid in net.layers:
-        contrib = values[:, :, src]
+        p, n_in = x.shape[1], x.shape[3]
+        values[net.input_index[:, 0]] = 1.0
+        rows = x.permute(1, 3, 0, 2).reshape(p * n_in, n)
+        values[net.input_index[:, 1:].reshape(-1)] = rows
+    wcol = None
+    if weights is not None:
+        wcol = weights.to(x.dtype).repeat_interleave(batch)
+    for ids, src, pos, eid, groups in net.layers:
+        contrib = values[src]
         if edge_weights is not None:
-            contrib = contrib * edge_weights[:, eid].unsqueeze(1)
-        pre = x.new_zeros(w_count, batch, len(ids)).index_add(2, pos, contrib)
-        if weights is not None:
-            pre = pre * weights.to(x.dtype).view(-1, 1, 1)
-        values[:, :, ids] = apply_activations(pre, acts)
-    out = values[:, :, net.output_index.reshape(-1)]  # (W, B, P*n_out)
+            ew = edge_weights[:, eid].T.to(x.dtype)  # (E_l, W)
+            contrib = (contrib.view(len(src), w_count, batch) * ew.unsqueeze(2)).view(len(src), n)
+        pre = x.new_zeros(len(ids), n).index_add(0, pos, contrib)
+        if wcol is not None:
+            pre = pre * wcol
+        for fn, cols, gids in groups:
+            values[gids] = fn(pre[cols])
     p, n_out = net.output_index.shape
-    return out.reshape(w_count, batch, p, n_out).permute(0, 2, 1, 3)
+    out = values[net.output_index.reshape(-1)].view(p, n_out, w_count, batch)
+    return out.permute(2, 0, 3, 1)
 
 
 __all__ = [

@@ -9,14 +9,17 @@ the Euclidean distances, so it is in the descriptor's own units (maze units for 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(len(a), len(b)) behaviour distances; ``a`` and ``b`` are (N, W, D)."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
-    diff = a[:, None] - b[None, :]
-    return np.sqrt((diff**2).sum(-1)).mean(-1)
+    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).transpose(0, 1)
+    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64)).transpose(0, 1)
+    d = torch.cdist(ta, tb, compute_mode="donot_use_mm_for_euclid_dist")  # (W, N, M)
+    return d.mean(0).numpy()
 
 
 def novelty(population: np.ndarray, archive: np.ndarray, k: int) -> np.ndarray:
@@ -40,7 +43,9 @@ class Archive:
         self.threshold = float(threshold)
         self.max_size = int(max_size)
         self.max_added = int(max_added)
-        self.entries = np.zeros((0, 0, 0)) if entries is None else np.asarray(entries, float)
+        self.entries = (
+            np.zeros((0, 0, 0)) if entries is None or not len(entries) else np.asarray(entries)
+        ).astype(float)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -57,11 +62,18 @@ class Archive:
         return len(new)
 
     def forget(self) -> None:
-        while len(self.entries) > self.max_size:
-            d = distances(self.entries, self.entries)
-            np.fill_diagonal(d, np.inf)
-            nearest = d.min(1)
-            self.entries = np.delete(self.entries, int(np.argmin(nearest)), axis=0)
+        excess = len(self.entries) - self.max_size
+        if excess <= 0:
+            return
+        d = distances(self.entries, self.entries)
+        np.fill_diagonal(d, np.inf)
+        keep = np.ones(len(d), dtype=bool)
+        for _ in range(excess):  # one at a time: each removal changes the others' nearest
+            nearest = np.where(keep, d.min(1), np.inf)
+            gone = int(np.argmin(nearest))
+            keep[gone] = False
+            d[gone, :] = d[:, gone] = np.inf
+        self.entries = self.entries[keep]
 
     def to_json(self) -> dict:
         return {

@@ -62,7 +62,7 @@ class Classification:
         eval_examples: int,
         probe_examples: int,
         image_size: int | None,
-        fitness: str = "cross_entropy",
+        fitness: str = "accuracy",
     ):
         def flat(x):
             if x.dim() == 4 and image_size and x.shape[-1] != image_size:

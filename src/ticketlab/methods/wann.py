@@ -11,7 +11,8 @@ request a tuned shared weight and individually trained weights.
 
 Run directory::
 
-    replicate-<r>/state.json             population, archive, rows so far (resume point)
+    replicate-<r>/state.json             population, rows so far (the resume point) and
+                                          archive-<g>.safetensors, the novelty archive
     replicate-<r>/generations/gen-<g>.json  the generation's best network (nodes, edges,
                                           activations) and every individual's scores,
                                           novelty and (maze) end points
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..data import load as load_data
 from ..errors import RunInterrupted, UsageError
@@ -40,7 +42,7 @@ from ..evolve.novelty import Archive, novelty
 from ..evolve.ranking import pareto_rank, tournament, wann_rank
 from ..evolve.tasks import CLASSIFICATION, TASKS, Classification, Maze, SwingUp
 from ..experiment import Experiment
-from ..runs import open_run, read_json, write_json
+from ..runs import atomic_path, open_run, read_json, write_json
 from ..spec import Spec, identity, resolved_dict, spec_hash, unhashed_fields
 from ..train import stop_requested
 
@@ -109,7 +111,7 @@ class WannSpec(Spec):
     archive_threshold: float | None = None  # None: the task's default
     archive_size: int = 250
     eval_examples: int = 1000
-    fitness: str = "cross_entropy"  # classification: what selection maximises
+    fitness: str = "accuracy"  # classification: what selection maximises (or cross_entropy)
     probe_examples: int = 32
     image_size: int = 16  # fashion_mnist downsampled as the paper's 16x16 MNIST
     episode_steps: int | None = None  # None: the task's default
@@ -214,13 +216,26 @@ class WannExperiment(Experiment):
             minimal(task.n_in, task.n_out, task.out_act, spec.init_density, rng)
             for _ in range(spec.population)
         ]
-        archive = Archive(spec.archive_threshold, spec.archive_size)
         return {
             "generation": 0,
             "population": [g.to_json() for g in pop],
-            "archive": archive.to_json(),
+            "archive": {"threshold": spec.archive_threshold, "file": None},
             "rows": [],
-        }  # noqa: E501
+        }
+
+    def _load_archive(self, rdir, meta: dict) -> Archive:
+        entries = None
+        if meta.get("file"):
+            entries = load_file(rdir / meta["file"])["entries"].numpy()
+        return Archive(meta["threshold"], self.spec.archive_size, entries=entries)
+
+    def _save_archive(self, rdir, archive: Archive, generation: int) -> dict:
+        """The archive's behaviours as safetensors, named by the generation that reads them
+        (so the state file never points at a newer archive than its population)."""
+        name = f"archive-{generation:04d}.safetensors"
+        with atomic_path(rdir / name) as tmp:
+            save_file({"entries": torch.from_numpy(np.ascontiguousarray(archive.entries))}, tmp)
+        return {"threshold": archive.threshold, "file": name}
 
     def _rank(self, mean, best, conns, nov, rng) -> np.ndarray:
         sel = self.spec.selection
@@ -260,7 +275,7 @@ class WannExperiment(Experiment):
             g = state["generation"]
             started = time.perf_counter()
             pop = [Genome.from_json(d) for d in state["population"]]
-            archive = Archive.from_json(state["archive"])
+            archive = self._load_archive(rdir, state["archive"])
             ev = task.evaluate(pop, weights, seed=self.seed(r, f"evaluate-{g}"))
             mean, best = ev.performance.mean(1), ev.performance.max(1)
             fit_mean, fit_best = ev.fitness.mean(1), ev.fitness.max(1)
@@ -309,13 +324,16 @@ class WannExperiment(Experiment):
                 "status": "done",
             }
             children = self._breed(pop, rank, rng)
+            previous = state["archive"].get("file")
             state = {
                 "generation": g + 1,
                 "population": [c.to_json() for c in children],
-                "archive": archive.to_json(),
+                "archive": self._save_archive(rdir, archive, g + 1),
                 "rows": state["rows"] + [row],
             }
             write_json(state_path, state)
+            if previous and previous != state["archive"]["file"]:
+                (rdir / previous).unlink(missing_ok=True)
             self.write_results(self.rows(), COLUMNS)
             if bar is not None:
                 progress.update(bar, completed=g + 1)
