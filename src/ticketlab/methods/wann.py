@@ -71,13 +71,16 @@ COLUMNS = [
 ]
 # task defaults: initial connection density (Gaier & Ha's 5% for images), novelty archive
 # threshold (Lehman & Stanley's 6 maze units; for probe patterns sqrt(2) is one changed
-# prediction), episode length (swing-up 1000 steps, maze 400)
+# prediction), episode length (swing-up 1000 steps, maze 400), gradient steps of
+# --train-weights
 TASK_DEFAULTS = {
-    "xor": dict(init_density=0.5, archive_threshold=1.0, episode_steps=0),
-    "mnist1d": dict(init_density=0.05, archive_threshold=2.0, episode_steps=0),
-    "fashion_mnist": dict(init_density=0.05, archive_threshold=2.0, episode_steps=0),
-    "swingup": dict(init_density=0.5, archive_threshold=0.1, episode_steps=1000),
-    "maze": dict(init_density=0.5, archive_threshold=6.0, episode_steps=400),
+    "xor": dict(init_density=0.5, archive_threshold=1.0, episode_steps=0, train_steps=300),
+    "mnist1d": dict(init_density=0.05, archive_threshold=2.0, episode_steps=0, train_steps=300),
+    "fashion_mnist": dict(
+        init_density=0.05, archive_threshold=2.0, episode_steps=0, train_steps=300
+    ),
+    "swingup": dict(init_density=0.5, archive_threshold=0.1, episode_steps=1000, train_steps=50),
+    "maze": dict(init_density=0.5, archive_threshold=6.0, episode_steps=400, train_steps=0),
 }
 
 
@@ -121,7 +124,7 @@ class WannSpec(Spec):
     tune_weight: bool = False
     tune_points: int = 40
     train_weights: bool = False
-    train_steps: int = 300
+    train_steps: int | None = None  # None: the task's default (300; swingup 50, each a rollout)
     train_lr: float = 0.01
 
     def __post_init__(self) -> None:
