@@ -54,6 +54,16 @@ def test_bare_command_learns(tmp_path, capsys, name):
     assert best > FLOOR.get(name, 0.5), (name, best)
 
 
+def test_wann_bare_command_learns(tmp_path, capsys):
+    """The bare search (XOR) beats chance with one shared weight in a few generations."""
+    rc, _, err = run_cli(capsys, "wann", "--generations", "5", "--quiet", "--runs-dir", tmp_path)
+    assert rc == 0, err
+    (run,) = tmp_path.iterdir()
+    rows = read_csv(run / "results.csv")
+    final = next(r for r in rows if r["variant"] == "wann")
+    assert float(final["best_performance"]) > 0.6, final
+
+
 def test_adapt_bare_learns_from_a_trained_run(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "train", *BUDGET, "--runs-dir", tmp_path / "base")
     assert rc == 0, err

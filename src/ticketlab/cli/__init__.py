@@ -14,13 +14,13 @@ import sys
 
 from ..distributed import end_data_parallel
 from ..errors import Diverged, RunInterrupted, UsageError
-from . import analysis, export, lottery, masking, pruning, sparse, structured, sweep
+from . import analysis, export, lottery, masking, pruning, sparse, structured, sweep, wann
 from .common import Parser, run_experiment, spec_from_args
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 # command groups in the order their subcommands are listed
-GROUPS = (lottery, analysis, pruning, sparse, masking, structured, export, sweep)
+GROUPS = (lottery, analysis, pruning, sparse, masking, structured, wann, export, sweep)
 
 
 def build_parser() -> Parser:

@@ -25,6 +25,11 @@ the per-layer densities) and writes:
 - ``parameters.png`` when a low-rank run is given: test accuracy against parameter
   count (a row's ``params``, else its nonzero parameters), one line per method and
   variant over all runs, so low-rank, magnitude and structured pruning share an axis;
+- for topology searches (``wann``): ``wann-weights.png`` (the final network's test
+  performance against the shared weight), ``wann-generations.png`` (performance and
+  connections of each generation's best network), ``network-<run>-<r>.png`` (the final
+  network by layer, coloured by activation) and, for the maze, ``maze-<run>.png`` (end
+  points of all evaluated individuals, novelty against objective);
 - ``report.html`` with every figure and the numbers behind it. A row is marked
   ``matching`` when its mean test accuracy is at least the dense network's mean
   minus one std over replicates (Frankle et al.).
@@ -37,6 +42,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..runs import write_text
 from .html import render
+from .search import wann_section
 from .sections import (
     accuracy_section,
     continual_section,
@@ -77,9 +83,14 @@ def build_report(run_dirs, out_dir, points: list[dict] | None = None) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    searches = [r for r in runs if r.method == "wann"]
+    runs = [r for r in runs if r.method != "wann"]
     summaries = {r.label: summarize(r) for r in runs}
-    sections = [] if points is None else [sweep_section(runs, points, out)]
-    sections.append(accuracy_section(runs, summaries, out))
+    sections = [] if points is None or searches else [sweep_section(runs, points, out)]
+    if searches:
+        sections.append(wann_section(searches, out))
+    if runs:
+        sections.append(accuracy_section(runs, summaries, out))
     if any(r.method in EARLY_STOP_METHODS for r in runs):
         sections.append(early_stop_section(runs, summaries, out))
     layer = layer_section(runs, out)
@@ -106,10 +117,10 @@ def build_report(run_dirs, out_dir, points: list[dict] | None = None) -> Path:
     failed = diverged_section(runs)
     if failed is not None:
         sections.insert(0, failed)
-    sections.append(raw_section(runs))
+    sections.append(raw_section(runs + searches))
     intro = (
         "Runs: "
-        + ", ".join(f"<code>{r.path}</code>" for r in runs)
+        + ", ".join(f"<code>{r.path}</code>" for r in runs + searches)
         + ". Lines are means over replicates; bands are ± 1 sample standard deviation."
         " <b>matching</b>: mean test accuracy at least the dense network's mean minus one"
         " standard deviation over replicates (Frankle et al.)."

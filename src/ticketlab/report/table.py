@@ -80,6 +80,9 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
     The early-stop step is the step of minimum validation loss.
     """
     console = console or Console()
+    if rows and "generation" in rows[0]:
+        print_search(rows, title, console)
+        return
     metric = headline(rows)
     summary = summarize(rows, metric)
     # accuracy in percent, as before; another metric (a custom objective's) as it is
@@ -135,6 +138,33 @@ def print_results(rows: list[dict], title: str = "", console: Console | None = N
         console.print(
             f"level {level}: {macs}x fewer multiply-adds, {measured}x faster on a test batch"
         )
+
+
+def _cell(v, digits: int = 3) -> str:
+    try:
+        return f"{float(v):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def print_search(rows: list[dict], title: str, console: Console) -> None:
+    """A topology search (``ticketlab wann``): the last generation of each replicate and
+    the variants scored after the search, mean and best over the shared weights."""
+    table = Table(title=title, title_justify="left")
+    for c in ("rep", "variant", "gen", "split", "mean perf", "best perf", "best w", "conns"):
+        table.add_column(c, justify="right")
+    table.add_column("solved")
+    last: dict[int, dict] = {}
+    for r in rows:
+        if r["variant"] == "search":
+            last[int(r["replicate"])] = r
+    shown = list(last.values()) + [r for r in rows if r["variant"] != "search"]
+    for r in sorted(shown, key=lambda r: int(r["replicate"])):
+        cells = [r["replicate"], r["variant"], r["generation"], r.get("split", "")]
+        cells += [_cell(r["mean_performance"]), _cell(r["best_performance"])]
+        cells += [_cell(r.get("best_weight", ""), 2), r["connections"], r.get("solved", "")]
+        table.add_row(*(str(c) for c in cells))
+    console.print(table)
 
 
 def _speedups(rows: list[dict]) -> dict[int, list[str]]:
