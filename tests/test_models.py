@@ -163,3 +163,26 @@ def test_unknown_names_list_choices():
         build("lenet_300_100", (1, 28, 28), 10, init="he")
     with pytest.raises(UsageError, match="unknown init"):
         initialize(nn.Linear(2, 2), "zeros")
+
+
+def test_resnet50_is_he_et_al_imagenet_resnet50():
+    model = build("resnet50", (3, 224, 224), 1000)
+    # He et al. 2016's ResNet-50 (torchvision's count): 25,557,032 parameters
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 16 * 3 + 4  # stem, 16 bottlenecks of three, 4 projections
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_resnet50_imagenet_preset_is_a_valid_setup():
+    from ticketlab.presets import preset
+    from ticketlab.spec import Spec
+
+    spec = Spec(**preset("resnet50_imagenet"))
+    assert (spec.model, spec.dataset, spec.batch_size, spec.lr) == (
+        "resnet50",
+        "imagefolder",
+        1024,
+        0.4,
+    )
+    assert spec.milestones == ("30ep", "60ep", "80ep") and spec.warmup == "5ep"

@@ -75,6 +75,33 @@ PRESETS: dict[str, dict] = {
         "dense_layers": ("output",),
         "levels": 20,
     },
+    "resnet50_imagenet": {
+        "_about": "ResNet-50 on ImageNet as OpenLTH sets it up (Frankle et al. 2020): SGD 0.4 "
+        "with momentum at global batch 1024, 5 epochs of warmup, x0.1 at epochs 30/60/80 of 90, "
+        "weight decay 1e-4, global 20% per level; an image folder (--data-dir with train/ and "
+        "val/) read by DataLoader workers, 224x224 random-resized crops and flips; run it "
+        "under torchrun",
+        "model": "resnet50",
+        "dataset": "imagefolder",
+        "augment": True,
+        "image_size": 224,
+        "workers": 8,
+        "init": "kaiming_normal",
+        "optimizer": "sgd",
+        "lr": 0.4,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "batch_size": 1024,
+        "steps": "90ep",
+        "warmup": "5ep",
+        "schedule": "step",
+        "milestones": ("30ep", "60ep", "80ep"),
+        "gamma": 0.1,
+        "eval_every": "1ep",
+        "prune_fraction": 0.2,
+        "scope": "global",
+        "levels": 10,
+    },
 }
 
 

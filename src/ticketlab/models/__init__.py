@@ -19,7 +19,7 @@ from ticketlab.models.convnets import CONV_FC, CONV_FILTERS, VGG, VGG_CFGS, Conv
 from ticketlab.models.inits import INITS, canonical_init, initialize, layer_init_std
 from ticketlab.models.mlp import MLP
 from ticketlab.models.mobilenet import MobileNetV1
-from ticketlab.models.resnet import ResNet
+from ticketlab.models.resnet import ImageNetResNet, ResNet
 
 __all__ = [
     "INITS",
@@ -91,6 +91,15 @@ MODELS: dict[str, ModelEntry] = {
     **{name: _vgg(name) for name in VGG_CFGS},
     "resnet20": _resnet(20),
     "resnet56": _resnet(56),
+    "resnet50": ModelEntry(
+        "resnet50: ImageNet ResNet-50, 7x7 stem + 4 stages of bottleneck blocks (3,4,6,3) "
+        "+ global avg pool + FC, He et al. 2016 (OpenLTH's imagenet_resnet_50)",
+        True,
+        lambda s, k, sc, act=None: (
+            _no_activation("resnet50", act)
+            or ImageNetResNet(s, k, [3, 4, 6, 3], [sc(64), sc(128), sc(256), sc(512)])
+        ),
+    ),
     "mobilenet_v1": ModelEntry(
         "mobilenet_v1: conv3x3 stem + 13 depthwise-separable blocks (3x3 depthwise, 1x1 "
         "pointwise, BN-ReLU) + global avg pool + FC, Howard et al. 2017 (CIFAR version)",
