@@ -385,3 +385,26 @@ def test_mse_regression_lottery(tmp_path):
     stored = json.loads(next(tmp_path.glob("lottery-*/spec.json")).read_text())
     assert "loss_fn" not in json.dumps(stored) or "mse_loss" in json.dumps(stored)
     assert "torch.nn.functional.mse_loss" in json.dumps(stored)
+
+
+def test_report_of_a_custom_objective_run_draws_its_metric(tmp_path):
+    from ticketlab.report import build_report
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    y = (x**2).sum(1, keepdim=True)
+    data = tl.from_tensors(x[:160], y[:160], x[160:], y[160:], val_size=20, targets="values")
+
+    def mae(out, target):
+        return {"mae": (out - target).abs().mean()}
+
+    spec = tl.LotterySpec(steps="40it", batch_size=20, eval_every="20it", levels=1,
+                          loss_fn=F.mse_loss, metrics_fn=mae, select="val_mae", objective="mse+mae",
+                          runs_dir=str(tmp_path / "runs"), quiet=True)  # fmt: skip
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
+    rows = tl.run_on_module(LotteryExperiment, model, data, spec)
+    (run,) = (tmp_path / "runs").iterdir()
+    page = build_report([run], tmp_path / "report").read_text()
+    assert "Test mae against density" in page and "Test accuracy against" not in page
+    level1 = next(r for r in rows if r["level"] == 1)
+    assert f"{level1['test_mae']:.4g}" in page  # the table shows the run's own values

@@ -13,6 +13,7 @@ from ..errors import UsageError
 from ..runs import read_csv, read_json
 from . import figures
 from .html import Section, Table
+from .table import headline
 
 VARIANT_ORDER = {"dense": -1, "ticket": 0}
 
@@ -24,6 +25,9 @@ class Run:
     rows: list[dict]
     columns: list[str]
     spec: dict
+    # what the density figures and tables show: test accuracy, or the metric a custom
+    # objective selects by (``test_<metric>``)
+    metric: str = "accuracy"
 
     @property
     def method(self) -> str:
@@ -45,7 +49,8 @@ def load_runs(run_dirs) -> list[Run]:
         rows = read_csv(csv_path)
         if not rows:
             raise UsageError(f"{csv_path} has no rows")
-        needed = ("variant", "level", "density", "test_accuracy")
+        metric = headline(rows)  # accuracy, unless a custom objective selects by another
+        needed = ("variant", "level", "density", f"test_{metric}")
         if rows[0].get("method") == "wann":  # a topology search has no densities
             needed = ("variant", "generation", "mean_performance", "best_performance")
         missing = [c for c in needed if c not in rows[0]]
@@ -54,7 +59,7 @@ def load_runs(run_dirs) -> list[Run]:
         with open(csv_path) as f:
             columns = f.readline().strip().split(",")
         spec = read_json(path / "spec.json") if (path / "spec.json").exists() else {}
-        runs.append(Run(path, path.name or str(path), rows, columns, spec))
+        runs.append(Run(path, path.name or str(path), rows, columns, spec, metric))
     # runs of the same name are told apart by as much of their path as it takes
     for depth in range(1, 64):
         labels = [r.label for r in runs]
@@ -95,7 +100,7 @@ def summarize(run: Run, key: str = "variant") -> list[dict]:
         groups.setdefault((r[key], int(r["level"]), extra), []).append(r)
     out = []
     for (variant, level, extra), rs in groups.items():
-        acc = [_num(r["test_accuracy"]) for r in rs]
+        acc = [_num(r[f"test_{run.metric}"]) for r in rs]
         stop = [_num(r.get("best_val_step")) for r in rs]
         m, sd = mean_std(acc)
         sm, ssd = mean_std(stop)
@@ -110,6 +115,9 @@ def summarize(run: Run, key: str = "variant") -> list[dict]:
                 "acc_std": sd,
                 "acc_min": min(acc),
                 "acc_max": max(acc),
+                # the same values unscaled, for a metric that is not a fraction
+                "raw_mean": m,
+                "raw_std": sd,
                 "stop_mean": sm,
                 "stop_std": ssd,
             }
@@ -243,6 +251,9 @@ def density_lines(runs, summaries, y: str) -> list[dict]:
 
 
 def accuracy_section(runs, summaries, out: Path) -> Section:
+    metrics = {r.metric for r in runs}
+    if metrics != {"accuracy"}:  # a custom objective's metric, drawn and listed as it is
+        return _metric_section(runs, summaries, out, metrics)
     series = density_lines(runs, summaries, "acc")
     png = figures.metric_vs_density(
         series, "test accuracy %", "Test accuracy at the end of training", out / "accuracy.png"
@@ -282,6 +293,32 @@ def accuracy_section(runs, summaries, out: Path) -> Section:
                 str(r.path / "results.csv"),
             )
         )
+    return section
+
+
+def _metric_section(runs, summaries, out: Path, metrics: set[str]) -> Section:
+    """The density figure and tables for runs whose objective reports another metric than
+    accuracy (a regression's MSE, say): the values as they are, no matching column."""
+    name = metrics.pop() if len(metrics) == 1 else "metric"
+    series = density_lines(runs, summaries, "raw")
+    png = figures.metric_vs_density(
+        series, f"test {name}", f"Test {name} at the end of training", out / "accuracy.png"
+    )
+    section = Section(
+        f"Test {name} against density",
+        figures=[(png, f"Test {name} (mean, {figures.BAND_NOTE}) against weights remaining.")],
+    )
+    cols = ["run", "variant", "level", "rewind step", "weights %", "n", f"test {name} mean"]
+    cols += ["std", "min", "max"]
+    for r in runs:
+        rows = [
+            [r.label, s["variant"], str(s["level"]), s["rewind_step"], _pct(s["density"], 1)]
+            + [str(s["n"])]
+            + [f"{s[k]:.4g}" for k in ("acc_mean", "acc_std", "acc_min", "acc_max")]
+            for s in summaries[r.label]
+        ]
+        title = f"{r.label}: test {r.metric} over replicates"
+        section.tables.append(Table(title, cols, rows, str(r.path / "results.csv")))
     return section
 
 
