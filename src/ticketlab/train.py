@@ -681,12 +681,20 @@ def train(
     if task is not None:
         progress.update(task, completed=end - start, visible=False)
 
-    final = dict(rows[-1])
     best = best_row(rows, spec.select)
     if loss_fn is not None or metrics_fn is not None or streamed:
         return _custom_result(
             model, data, spec, rows, best, x_train, y_train, step - start, seconds, sparse_layers
         )
+    kernels = "sparse:" + ",".join(sparse_layers) if sparse_layers else "dense"
+    return phase_result(model, x_train, y_train, rows, spec, step - start, seconds, kernels)
+
+
+def phase_result(model, x_train, y_train, rows, spec, steps, seconds, kernels) -> dict:
+    """What a phase on in-memory data with the classification objective returns: the last
+    evaluation, the test accuracy at the step ``spec.select`` picks, and the training set's
+    loss and accuracy now."""
+    final, best = rows[-1], best_row(rows, spec.select)
     train_loss, train_acc = evaluate(model, x_train, y_train, spec.eval_batch_size)
     return {
         "test_accuracy": final["test_accuracy"],
@@ -697,9 +705,9 @@ def train(
         "test_accuracy_at_best_val": best["test_accuracy"],
         "train_loss": train_loss,
         "train_accuracy": train_acc,
-        "steps": step - start,
+        "steps": steps,
         "train_seconds": seconds,
-        "kernels": "sparse:" + ",".join(sparse_layers) if sparse_layers else "dense",
+        "kernels": kernels,
     }
 
 

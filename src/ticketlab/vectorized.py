@@ -38,13 +38,12 @@ from .masks import Mask
 from .runs import atomic_path
 from .spec import Spec, resolve
 from .train import (
-    best_row,
     clear_stop,
-    evaluate,
     load_checkpoint,
     lr_at,
     make_optimizer,
     mix_seed,
+    phase_result,
     read_metrics,
     save_checkpoint,
     steps_per_epoch,
@@ -298,24 +297,10 @@ def train_stacked(
     for k, c in enumerate(copies):
         if outcome[k] is not None:
             continue
-        final = dict(rows[k][-1])
-        train_loss, train_acc = evaluate(c.model, x_train, y_train, spec.eval_batch_size)
-        best = best_row(rows[k], spec.select)
-        outcome[k] = {
-            "test_accuracy": final["test_accuracy"],
-            "test_loss": final["test_loss"],
-            "val_accuracy": final["val_accuracy"],
-            "val_loss": final["val_loss"],
-            "best_val_step": best["step"],
-            "test_accuracy_at_best_val": best["test_accuracy"],
-            "train_loss": train_loss,
-            "train_accuracy": train_acc,
-            "steps": end - start,
-            # the stack's time, shared: each copy cost about 1/K of it
-            "train_seconds": seconds / K,
-            "kernels": "dense",
-            "vectorized": K,
-        }
+        # the stack's time, shared: each copy cost about 1/K of it
+        share = seconds / K
+        got = phase_result(c.model, x_train, y_train, rows[k], spec, end - start, share, "dense")
+        outcome[k] = {**got, "vectorized": K}
     return outcome
 
 
