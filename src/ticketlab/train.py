@@ -35,6 +35,10 @@ from .masks.sparse import SparseKernels, choose_kernels
 from .runs import atomic_path, pack_state, read_state_file, save_state
 from .spec import Resolved, Spec, parse_steps, resolve, select_key
 
+# The step loop keeps each step's loss and checks them for divergence this often (and at
+# every evaluation and checkpoint): few device ops per step, no host sync.
+SETTLE_EVERY = 256
+
 # Set by the signal handler; read once per step.
 _stop_requested = False
 
@@ -532,7 +536,7 @@ def train(
         probe = stream.peek()
     else:
         stream = None
-        sampler = BatchSampler(data.n_train, spec.batch_size, data_seed)
+        sampler = BatchSampler(data.n_train, spec.batch_size, data_seed, device=device)
         probe = structure.rows(x_train, 0, spec.batch_size)
     augment = data.augment is not None
     gen = torch.Generator(device="cpu")
@@ -553,26 +557,47 @@ def train(
     next_checkpoint = t0 + spec.checkpoint_seconds if spec.checkpoint_seconds else 0.0
     model.train()
     # divergence, tracked on the device: `broken` once a loss was non-finite, `clean` counts
-    # the steps before it; read only at evaluations
+    # the steps before it; read only at evaluations. The step loop only keeps each loss
+    # (`pending`); `settle` folds them in, at evaluations, checkpoints and every
+    # SETTLE_EVERY steps (counted from step 0, so a resumed phase settles where an
+    # uninterrupted one does), in a few device ops for all of them
     loop_start = step
     broken = torch.zeros((), dtype=torch.bool, device=device)
     clean = torch.zeros((), dtype=torch.int64, device=device)
     # streamed data: the training loss since the last evaluation, and the throughput
     run_loss = torch.zeros((), dtype=torch.float64, device=device)
     run_steps, run_t0 = 0, time.perf_counter()
+    pending: list[torch.Tensor] = []
+
+    def settle() -> None:
+        if not pending:
+            return
+        losses = torch.stack(pending)
+        pending.clear()
+        ok = torch.isfinite(losses)
+        clean.add_(torch.where(broken, 0, ok.cumprod(0).sum()))
+        broken.logical_or_(~ok.all())
+        if stream is not None:
+            run_loss.add_(losses.double().sum())
+
+    # the parameters the stepping optimizer holds, whose gradients each step clears
+    # (as zero_grad(set_to_none=True) does, without its per-call bookkeeping)
+    opt, grads_of = None, []
     while step < end:
         # what steps: the sparse kernels' optimizer over kept values, or the dense one
-        opt = optimizer if sparse is None else sparse.optimizer
+        stepping = optimizer if sparse is None else sparse.optimizer
+        if stepping is not opt:
+            opt = stepping
+            grads_of = [p for g in opt.param_groups for p in g["params"]]
         lr = lr_override if lr_override is not None else lr_at(step, spec, res)
         if lr != current_lr:
             for g in opt.param_groups:
                 g["lr"] = lr
             current_lr = lr
         if stream is None:
-            idx = sampler.indices(step)
+            idx = sampler.indices(step)  # on the device already
             if dp is not None:
                 idx = dp.shard(idx)
-            idx = idx.to(device)
             x, y = structure.take(x_train, idx), structure.take(y_train, idx)
             if augment:
                 gen.manual_seed(mix_seed(aug_seed, step))
@@ -586,11 +611,10 @@ def train(
         with autocast:
             loss = objective(structure.call(net, x), y)
         if stream is not None:
-            run_loss += loss.detach().double()
             run_steps += 1
-        broken |= ~torch.isfinite(loss.detach())
-        clean += ~broken
-        opt.zero_grad(set_to_none=True)
+        pending.append(loss.detach())
+        for p in grads_of:
+            p.grad = None
         loss.backward()
         if dp is not None:  # pruned weights get no gradient, hence no optimizer state
             keeper.mask_grads()
@@ -633,6 +657,8 @@ def train(
             and step < end
             and (step % res.checkpoint_every == 0 or step in checkpoint_steps or by_clock)
         )
+        if evaluating or checkpointing or stopping or step % SETTLE_EVERY == 0:
+            settle()
         if evaluating or checkpointing or stopping:
             is_broken = bool(broken)
             if dp is not None:  # a loss that broke on any rank broke the run

@@ -38,6 +38,7 @@ from .masks import Mask
 from .runs import atomic_path
 from .spec import Spec, resolve
 from .train import (
+    SETTLE_EVERY,
     clear_stop,
     load_checkpoint,
     lr_at,
@@ -226,6 +227,15 @@ def train_stacked(
     broken = torch.zeros(K, dtype=torch.bool, device=device)
     clean = torch.zeros(K, dtype=torch.int64, device=device)
     loop_start, current_lr = step, None
+    pending: list[torch.Tensor] = []  # each step's K losses, folded in by settle()
+
+    def settle() -> None:  # as train() does it: a few device ops for all pending steps
+        if pending:
+            ok = torch.isfinite(torch.stack(pending))  # [steps, K]
+            pending.clear()
+            clean.add_(torch.where(broken, 0, ok.cumprod(0).sum(0)))
+            broken.logical_or_(~ok.all(0))
+
     outcome: list[dict | Diverged | None] = [None] * K
     t0 = time.perf_counter()
     next_checkpoint = t0 + spec.checkpoint_seconds if spec.checkpoint_seconds else 0.0
@@ -248,8 +258,7 @@ def train_stacked(
             out = stack.train_logits(x)  # [K, B, classes]
             losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
         losses = losses.view(K, -1).mean(1)
-        broken |= ~torch.isfinite(losses.detach())
-        clean += ~broken
+        pending.append(losses.detach())
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
@@ -264,6 +273,8 @@ def train_stacked(
             and (step % res.checkpoint_every == 0 or 0 < next_checkpoint <= time.perf_counter())
         )
         stopping = stop_requested()
+        if evaluating or checkpointing or stopping or step % SETTLE_EVERY == 0:
+            settle()
         if evaluating or checkpointing or stopping:
             for k in torch.nonzero(broken).flatten().tolist():
                 if alive[k]:  # this copy stops here; its row says where it diverged
@@ -357,11 +368,16 @@ def _snapshots(copies, step, write_back) -> None:
 
 
 def _evaluate_stacked(stack, x, y, batch_size, K):
-    """Per copy, mean loss and accuracy on (x, y): (nan, nan) on an empty split."""
+    """Per copy, mean loss and accuracy on (x, y): (nan, nan) on an empty split.
+
+    Each stacked call takes ``batch_size // K`` examples for all K copies, so that the
+    stack's activations at evaluation are those of one model's evaluation batch: K copies
+    cost K times one model's parameters, not K times its evaluation activations too."""
     if len(y) == 0:
         return [(float("nan"), float("nan"))] * K
     loss = torch.zeros(K, dtype=torch.float64, device=x.device)
     correct = torch.zeros(K, dtype=torch.int64, device=x.device)
+    batch_size = max(1, batch_size // K)
     for i in range(0, len(y), batch_size):
         out = stack.eval_logits(x[i : i + batch_size])  # [K, B, classes]
         yy = y[i : i + batch_size]

@@ -37,10 +37,15 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
 
 
 class BatchSampler:
-    """`batch_indices` with the current epoch's permutation cached, for sequential steps."""
+    """`batch_indices` with the current epoch's permutation cached, for sequential steps.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    With ``device``, the permutation (drawn on the CPU, so the order is the same on every
+    device) is moved there once per epoch: a training loop on a GPU then takes its batches
+    without a host-to-device copy per step."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device=None):
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.device = device
         self.steps_per_epoch = _steps_per_epoch(n, batch_size)
         self._epoch: int | None = None
         self._perm: torch.Tensor | None = None
@@ -50,6 +55,8 @@ class BatchSampler:
             raise DataError(f"step must be >= 0, got {step}")
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._perm, self._epoch = _epoch_perm(self.n, self.seed, epoch), epoch
+            perm = _epoch_perm(self.n, self.seed, epoch)
+            self._perm = perm if self.device is None else perm.to(self.device)
+            self._epoch = epoch
         # A copy, so a caller writing into the batch cannot alter the cached permutation.
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size].clone()
