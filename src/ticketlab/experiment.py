@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -98,6 +99,8 @@ class Experiment:
         self.spec = spec
         # where the run trains, checked before anything is loaded or written
         self.device = resolve_device(spec.device, spec.jobs)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(self.device)  # a torchrun rank's collectives use its GPU
         self.data = (
             load_data(
                 spec.dataset,
