@@ -5,6 +5,8 @@ weights. Skipped where there is no CUDA device."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -61,3 +63,84 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path):
     train(whole, data, spec, mask)
     for p, q in zip(whole.parameters(), cpu.parameters()):
         torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3)
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+LOTTERY = ["--dataset", "fashion_mnist", "--model", "lenet_300_100", "--steps", "40it"]
+LOTTERY += ["--eval-every", "10it", "--checkpoint-every", "10it", "--levels", "1"]
+LOTTERY += ["--controls", "reinit,random-mask", "--quiet"]
+
+
+def _lottery(runs, device: str) -> int:
+    from ticketlab.cli import main
+
+    return main(["lottery", *LOTTERY, "--device", device, "--runs-dir", str(runs)])
+
+
+def _only_run(runs):
+    dirs = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST not installed")
+def test_a_lottery_interrupted_on_cuda_resumes_and_finishes_on_the_cpu(tmp_path, monkeypatch):
+    import ticketlab.experiment as experiment_mod
+    from ticketlab.runs import read_csv
+
+    real = experiment_mod.train
+    fired = []
+
+    class Stop:  # interrupts the level-1 ticket once, after a checkpoint on the GPU
+        def __init__(self, label):
+            self.label = label
+
+        def after_step(self, step, model, *args):
+            if "level 1 ticket" in self.label and step == 20 and not fired:
+                fired.append(next(model.parameters()).device.type)
+                request_stop()
+
+    def train(*args, callbacks=(), label="", **kw):
+        return real(*args, callbacks=[*callbacks, Stop(label)], label=label, **kw)
+
+    monkeypatch.setattr(experiment_mod, "train", train)
+    runs = tmp_path / "runs"
+    assert _lottery(runs, "cuda") == 130
+    assert fired == ["cuda"]
+    run = _only_run(runs)
+    ticket = run / "replicate-0" / "level-1" / "ticket"
+    assert (ticket / "checkpoint.safetensors").exists()
+    assert not (ticket / "result.json").exists()
+    monkeypatch.setattr(experiment_mod, "train", real)
+    assert _lottery(runs, "cpu") == 0  # the same run (same hash), resumed on the CPU
+    assert _only_run(runs) == run
+    rows = read_csv(run / "results.csv")
+    got = sorted((int(r["level"]), r["variant"], r["status"]) for r in rows)
+    assert got == [
+        (0, "ticket", "done"),
+        (1, "random-mask", "done"),
+        (1, "reinit", "done"),
+        (1, "ticket", "done"),
+    ]
+    steps = [
+        json.loads(line)["step"] for line in (ticket / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [0, 10, 20, 30, 40]  # continued from step 20, not started again
+    assert json.loads((run / "spec.json").read_text())["spec"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST not installed")
+def test_a_lottery_on_cuda_keeps_pruned_weights_exactly_zero(tmp_path):
+    from ticketlab.runs import load_state
+
+    runs = tmp_path / "runs"
+    assert _lottery(runs, "cuda") == 0
+    level = _only_run(runs) / "replicate-0" / "level-1"
+    for variant in ("ticket", "reinit", "random-mask"):
+        mask = Mask.load(level / variant / "mask.safetensors")
+        assert mask.density() < 1.0
+        weights = load_state(level / variant / "weights_end.safetensors")
+        for name, m in mask.items():
+            assert weights[name].device.type == "cpu"  # stored from the GPU on the CPU
+            assert torch.count_nonzero(weights[name][~m]) == 0, (variant, name)
+            assert torch.count_nonzero(weights[name][m]) > 0

@@ -125,5 +125,5 @@ def _mask_digest(mask) -> int:
     h = hashlib.sha256()
     for name, m in sorted(mask.items()):
         h.update(name.encode())
-        h.update(m.to(torch.uint8).contiguous().numpy().tobytes())
+        h.update(m.to("cpu", torch.uint8).contiguous().numpy().tobytes())
     return int.from_bytes(h.digest()[:7], "little")

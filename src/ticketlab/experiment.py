@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset, with_label_noise
+from .data import Dataset, structure, with_label_noise
 from .data import load as load_data
 from .distributed import data_parallel, is_writer, mirror_dir
 from .errors import Diverged, UsageError, WorkFailed
@@ -47,6 +48,7 @@ from .spec import (
     derive_seed,
     identity,
     resolve,
+    resolve_device,
     resolved_dict,
     spec_hash,
     unhashed_fields,
@@ -95,6 +97,10 @@ class Experiment:
                 "train (use --jobs N to run replicates in parallel)"
             )
         self.spec = spec
+        # where the run trains, checked before anything is loaded or written
+        self.device = resolve_device(spec.device, spec.jobs)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(self.device)  # a torchrun rank's collectives use its GPU
         self.data = (
             load_data(
                 spec.dataset,
@@ -111,6 +117,8 @@ class Experiment:
             if data is None
             else with_label_noise(data, spec.label_noise, label_noise_seed(spec))
         )
+        # once for the whole run, so each phase's move to the model's device is a no-op
+        self.data = data_on_device(self.data, self.device)
         shape, classes = self.data.input_shape, self.data.num_classes
         if model_fn is None:
 
@@ -124,6 +132,12 @@ class Experiment:
 
             def model_fn(seed: int) -> nn.Module:
                 return set_prunable(chosen(seed), spec.prunable, spec.prunable_exclude)
+
+        # built (and initialised, by seed) as before, then placed: the same weights anywhere
+        built, device = model_fn, self.device
+
+        def model_fn(seed: int) -> nn.Module:
+            return built(seed).to(device)
 
         self.model_fn = model_fn
         self.spe = steps_per_epoch(self.data, spec.batch_size)
@@ -358,6 +372,7 @@ class Experiment:
             mask = Mask.load(mask_path)
         else:
             mask.save(mask_path)
+        mask = mask.to(_device_of(model))  # a stored mask loads on the CPU
         rewind(model, start_state, mask)
         if not (vdir / "weights_start.safetensors").exists():
             save_state(vdir / "weights_start.safetensors", snapshot(model), mask)
@@ -474,6 +489,26 @@ class Experiment:
             self._told.add(reason)
             print(f"ticketlab: --vectorize: training one at a time: {reason}", file=sys.stderr)
         return reason is None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def data_on_device(data: Dataset, device: torch.device) -> Dataset:
+    """``data`` with its in-memory splits on ``device`` (a shallow copy; ``data`` itself is
+    not changed). Streamed data stays as it is: its loader moves each batch."""
+    if hasattr(data, "train_stream"):
+        return data
+    splits = [f"{p}_{s}" for s in ("train", "val", "test") for p in ("x", "y")]
+    leaves = [t for name in splits for t in structure.leaves(getattr(data, name))]
+    if all(t.device == device for t in leaves):
+        return data
+    moved = copy.copy(data)
+    for name in splits:
+        setattr(moved, name, structure.to_device(getattr(data, name), device))
+    return moved
 
 
 def _label(r: int, level: int, variant: str, mask: Mask) -> str:

@@ -55,9 +55,12 @@ def reshuffle(state: State, mask: Mask, seed: int) -> State:
     out = dict(state)
     for name, m in mask.items():
         w = state[name].clone()
-        flat, keep = w.view(-1), m.view(-1)
+        flat = w.view(-1)
+        keep = m.view(-1).to(flat.device)
         kept = flat[keep]
-        flat[keep] = kept[torch.randperm(kept.numel(), generator=gen)]
+        # drawn with the CPU generator: the same permutation on every device
+        perm = torch.randperm(kept.numel(), generator=gen).to(flat.device)
+        flat[keep] = kept[perm]
         out[name] = w
     return out
 
@@ -78,5 +81,5 @@ def random_mask(mask: Mask, seed: int) -> Mask:
     for name, m in mask.items():
         flat = torch.zeros(m.numel(), dtype=torch.bool)
         flat[torch.randperm(m.numel(), generator=gen)[: int(m.sum())]] = True
-        out[name] = flat.view_as(m)
+        out[name] = flat.view_as(m).to(m.device)  # drawn on the CPU, placed beside `mask`
     return Mask(out)

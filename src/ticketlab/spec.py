@@ -25,6 +25,9 @@ PROTOCOLS = ("rewind", "finetune", "lr-rewind")
 CONTROLS = ("reinit", "reshuffle", "signed-constant", "random-mask")
 # how masked Linear layers train: masked dense, CSR kernels, or picked per layer by timing
 KERNELS = ("dense", "sparse", "auto")
+# where models, masks and in-memory data live: auto is cuda when there is a CUDA device
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 # Fields that never change a run's meaning: where things are, how much to print,
 # and counts that only extend a run.
@@ -39,6 +42,9 @@ NOT_HASHED = frozenset(
         "eval_batch_size",
         "kernels",  # the same training, only its speed (and float rounding) differs
         "compile",  # likewise: the same graph, compiled
+        # where a run trains does not change what it is (a run started on a GPU resumes
+        # on the CPU and the other way round)
+        "device",
         # when checkpoints are written: a resume continues exactly from any of them
         "checkpoint_every",
         "checkpoint_seconds",
@@ -176,6 +182,9 @@ class Spec:
     # state stay float32, so pruned weights stay exactly zero)
     amp: str = "none"
     compile: bool = False  # torch.compile the forward pass (not hashed)
+    # where the run trains: auto (cuda when there is a CUDA device, else cpu), cpu, cuda
+    # or cuda:N (not hashed; see resolve_device)
+    device: str = "auto"
     # seeds: each derived from `seed` (and the replicate) unless given
     seed: int = 0
     init_seed: int | None = None
@@ -315,6 +324,7 @@ def validate(spec: Spec) -> None:
     _choice("protocol", spec.protocol, PROTOCOLS)
     _choice("kernels", spec.kernels, KERNELS)
     _choice("amp", spec.amp, ("none", "bf16"))
+    check_device(spec.device)
     if spec.compile and spec.vectorize:
         raise UsageError("--compile and --vectorize do not combine yet: give one of them")
     _choice("bad-files", spec.bad_files, ("fail", "skip"))
@@ -407,6 +417,44 @@ def validate(spec: Spec) -> None:
     for fn, what in ((spec.loss_fn, "loss_fn"), (spec.metrics_fn, "metrics_fn")):
         if fn is not None and not callable(fn):
             raise UsageError(f"{what} must be callable; got {fn!r}")
+
+
+def check_device(device) -> None:
+    """Check the form of a ``device`` value (whether it is there is :func:`resolve_device`'s
+    question, asked when a run starts: a spec that names a GPU can be read anywhere)."""
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise UsageError(f"unknown device {device!r}; choose from: {', '.join(DEVICES)}")
+
+
+def resolve_device(device: str, jobs: int = 1):
+    """The :class:`torch.device` a run trains on, or a UsageError naming what there is.
+
+    ``auto`` is this process's CUDA device when there is one (under ``torchrun``, the
+    rank's ``LOCAL_RANK``), else the CPU; with ``jobs`` > 1 it is the CPU, because the
+    worker processes are forked and a forked process cannot use CUDA.
+    """
+    import os
+
+    import torch
+
+    check_device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        device = "cuda" if count and jobs <= 1 else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    there = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+    index = local if device == "cuda" else int(device.partition(":")[2])
+    if index >= count:
+        why = "no CUDA device" if not count else f"no CUDA device {index}"
+        raise UsageError(f"device {device!r}: this machine has {why}; available: {there}")
+    if jobs > 1:
+        raise UsageError(
+            f"--jobs {jobs} forks worker processes, which cannot use CUDA: give --jobs 1 "
+            f"(or --vectorize) to train on {device}, or --device cpu"
+        )
+    return torch.device("cuda", index)
 
 
 def spec_fields(cls: type = None) -> dict[str, dataclasses.Field]:

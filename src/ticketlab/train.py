@@ -228,6 +228,11 @@ def _stateful(callbacks) -> list[tuple[int, object]]:
     ]
 
 
+def _model_device(model) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def save_checkpoint(
     path: Path, model, optimizer, step: int, extra: dict, callbacks: Iterable = (), mask=None
 ) -> None:
@@ -245,6 +250,9 @@ def save_checkpoint(
             else:
                 scalars[f"{idx}/{key}"] = val
     tensors["rng/torch"] = torch.get_rng_state()
+    device = _model_device(model)
+    if device.type == "cuda":  # e.g. dropout on the GPU draws from the device's generator
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
     cb_meta = {}
     for i, cb in _stateful(callbacks):
         values = {}
@@ -278,7 +286,9 @@ def load_checkpoint(path: Path, model, optimizer, callbacks: Iterable = ()) -> t
         meta = json.loads(metadata["ticketlab"])
     except Exception as exc:
         raise DataError(f"checkpoint {path} is corrupt: {exc}") from None
-    device = next(model.parameters()).device
+    # tensors are read onto the CPU and land on the model's device: a checkpoint written
+    # on a GPU resumes on the CPU and the other way round
+    device = _model_device(model)
     model.load_state_dict(
         {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model/")}
     )
@@ -292,6 +302,8 @@ def load_checkpoint(path: Path, model, optimizer, callbacks: Iterable = ()) -> t
         state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and device.type == "cuda":  # none kept from a CPU run
+        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
     saved = meta.get("callbacks", {})
     for i, cb in _stateful(callbacks):
         entry = saved.get(str(i))

@@ -141,6 +141,12 @@ def common_flags(p: argparse.ArgumentParser) -> None:
         help="mixed precision: none (default) or bf16 (autocast; weights, masks and "
         "optimizer state stay float32)",
     )
+    g.add_argument(
+        "--device",
+        help="where models, masks and data live: auto (default: cuda when there is a CUDA "
+        "device, else cpu), cpu, cuda or cuda:N; not part of the run's identity (a run "
+        "started on one device resumes on another)",
+    )
     toggle(
         g,
         "--compile",

@@ -65,8 +65,8 @@ def length(x) -> int:
 
 def take(x, idx: torch.Tensor):
     """The examples ``idx`` (an int64 index tensor) of every leaf."""
-    if torch.is_tensor(x):
-        return x.index_select(0, idx)
+    if torch.is_tensor(x):  # indices drawn on the CPU pick from data on any device
+        return x.index_select(0, idx.to(x.device))
     return map_leaves(lambda t: t.index_select(0, idx.to(t.device)), x)
 
 

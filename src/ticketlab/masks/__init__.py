@@ -128,11 +128,24 @@ class Mask:
     def copy(self) -> Mask:
         return Mask(self._m)
 
+    def to(self, device) -> Mask:
+        """This mask with its tensors on ``device`` (itself where they are there already)."""
+        device = torch.device(device)
+        if all(m.device == device for m in self._m.values()):
+            return self
+        return Mask({k: m.to(device) for k, m in self._m.items()})
+
+    @property
+    def device(self) -> torch.device:
+        """Where the mask's tensors are (the CPU for an empty mask)."""
+        first = next(iter(self._m.values()), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def __eq__(self, other) -> bool:
         return (
             isinstance(other, Mask)
             and sorted(self.names()) == sorted(other.names())
-            and all(torch.equal(self[k], other[k]) for k in self._m)
+            and all(torch.equal(self[k], other[k].to(self[k].device)) for k in self._m)
         )
 
     # measures -----------------------------------------------------------
@@ -154,8 +167,9 @@ class Mask:
         return {k: float(m.float().mean()) for k, m in self._m.items()}
 
     def jaccard(self, other: Mask) -> float:
-        inter = sum(int((self[k] & other[k]).sum()) for k in self._m)
-        union = sum(int((self[k] | other[k]).sum()) for k in self._m)
+        theirs = {k: other[k].to(self[k].device) for k in self._m}
+        inter = sum(int((self[k] & theirs[k]).sum()) for k in self._m)
+        union = sum(int((self[k] | theirs[k]).sum()) for k in self._m)
         return inter / union if union else 1.0
 
     # application --------------------------------------------------------
@@ -166,7 +180,7 @@ class Mask:
         for k, m in self._m.items():
             if k not in params:
                 raise UsageError(f"mask names '{k}', which the model does not have")
-            params[k].mul_(m.to(params[k].dtype))
+            params[k].mul_(m.to(params[k].device, params[k].dtype))
         return model
 
     # storage ------------------------------------------------------------

@@ -192,7 +192,8 @@ def prune_task(model: MLP, used: list[torch.Tensor], task: Dataset, margin: floa
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     chosen, threshold, after = [torch.zeros_like(n) for n in new], float("nan"), before
     if len(pool):
-        qs = torch.quantile(pool.double(), torch.linspace(0, 1, THRESHOLD_CANDIDATES + 1).double())
+        grid = torch.linspace(0, 1, THRESHOLD_CANDIDATES + 1).double().to(pool.device)
+        qs = torch.quantile(pool.double(), grid)
         candidates = sorted({0.0, *(float(q) for q in qs)})
         for theta in candidates:
             cut = [n & (a <= theta) for a, n in zip(activity, new)]
@@ -256,7 +257,8 @@ class ClnpExperiment(Experiment):
             {"weight": state[f"head.{e}.weight"], "bias": state[f"head.{e}.bias"]}
             for e in range(t + 1)
         ]
-        used = [state[f"used.{i}"] for i in range(len(model.hidden))]
+        dev = model.fc.weight.device  # stored on the CPU, used beside the model
+        used = [state[f"used.{i}"].to(dev) for i in range(len(model.hidden))]
         return model, heads, used
 
     def _save_network(self, path: Path, model, heads, used) -> None:
@@ -272,7 +274,10 @@ class ClnpExperiment(Experiment):
         rdir = self.dir / f"replicate-{r}"
         tasks = self.tasks()
         model = self.model_fn(self.seed(r, "init"))
-        used = [torch.zeros(layer.out_features, dtype=torch.bool) for layer in model.hidden]
+        used = [
+            torch.zeros(layer.out_features, dtype=torch.bool, device=layer.weight.device)
+            for layer in model.hidden
+        ]
         heads: list[dict] = []
         for t, task in enumerate(tasks):
             ldir = rdir / f"level-{t}"

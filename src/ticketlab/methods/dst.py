@@ -350,7 +350,8 @@ class DSTUpdater:
 
     def save_state(self, path: Path, step: int) -> None:
         """Write the mask and the grow generator as of ``step`` steps (atomically)."""
-        tensors = {f"mask/{n}": m.to(torch.uint8).contiguous() for n, m in self.mask.items()}
+        # on the CPU: a state written beside a GPU run resumes on any device
+        tensors = {f"mask/{n}": m.to("cpu", torch.uint8).contiguous() for n, m in self.mask.items()}
         tensors["generator"] = self.generator.get_state()
         meta = {"step": step, "order": self.mask.names()}
         with atomic_path(path) as tmp:

@@ -171,7 +171,7 @@ class GradualPruner:
     def save(self, t: int) -> None:
         if self.state_path is None:
             return
-        state = {k: v.contiguous() for k, v in self.state().items()}
+        state = {k: v.cpu().contiguous() for k, v in self.state().items()}  # resumes anywhere
         state["step"] = torch.tensor([t])
         with atomic_path(self.state_path) as tmp:
             save_file(state, tmp)

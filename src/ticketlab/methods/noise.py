@@ -186,7 +186,8 @@ class NoiseExperiment(Experiment):
     def kw_model(self, seed: int):
         s = self.spec
         shape, classes = self.data.input_shape, self.data.num_classes
-        return build(s.model, shape, classes, s.width, s.init, seed, activation=s.activation())
+        model = build(s.model, shape, classes, s.width, s.init, seed, activation=s.activation())
+        return model.to(self.device)
 
     def variants(self) -> tuple[str, ...]:
         return VARIANTS if self.spec.kwinners is not None else VARIANTS[:2]

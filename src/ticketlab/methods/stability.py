@@ -47,7 +47,7 @@ from pathlib import Path
 from ..analysis import instability, interpolation_path
 from ..data import load as load_data
 from ..errors import UsageError
-from ..experiment import label_noise_seed, replicate_seed
+from ..experiment import data_on_device, label_noise_seed, replicate_seed
 from ..masks import Mask, model_density
 from ..models import build
 from ..protocols import rewind, snapshot
@@ -68,6 +68,7 @@ from ..spec import (
     identity,
     parse_steps,
     resolve,
+    resolve_device,
     resolved_dict,
     spec_hash,
     unhashed_fields,
@@ -127,6 +128,7 @@ def lottery_spec(spec: StabilitySpec, k: int | None = None) -> Spec:
 class Stability:
     def __init__(self, spec: StabilitySpec):
         self.spec = spec
+        self.device = resolve_device(spec.device, spec.jobs)  # before anything is loaded
         self.data = load_data(
             spec.dataset,
             data_dir=spec.data_dir,
@@ -136,6 +138,7 @@ class Stability:
             label_noise=spec.label_noise,
             noise_seed=label_noise_seed(spec),
         )
+        self.data = data_on_device(self.data, self.device)
         self.spe = steps_per_epoch(self.data, spec.batch_size)
         self.res = resolve(spec, self.spe)
         ks = sorted({parse_steps(k, self.spe, "rewind point") for k in spec.rewind_points})
@@ -186,7 +189,8 @@ class Stability:
     def model(self, r: int):
         s = self.spec
         shape, classes = self.data.input_shape, self.data.num_classes
-        return build(s.model, shape, classes, s.width, s.init, replicate_seed(s, r, "init"))
+        model = build(s.model, shape, classes, s.width, s.init, replicate_seed(s, r, "init"))
+        return model.to(self.device)
 
     def run(self, progress=None) -> list[dict]:
         for lottery in {id(e): e for e in self.lotteries.values()}.values():

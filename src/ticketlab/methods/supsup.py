@@ -200,9 +200,11 @@ def infer_task(
     if examples == "first":
         x = x[:1]  # no BatchNorm (refused): example 0's logits do not depend on the others
     n = len(masks)
-    alpha = torch.full((n,), 1.0 / n, requires_grad=True)
+    dev = handle.weight(handle.names()[0]).device  # stored masks load on the CPU
+    alpha = torch.full((n,), 1.0 / n, requires_grad=True, device=dev)
     stacked = {
-        name: torch.stack([m[name].to(torch.float32) for m in masks]) for name in handle.names()
+        name: torch.stack([m[name].to(dev, torch.float32) for m in masks])
+        for name in handle.names()
     }
     factors = {name: torch.einsum("t,t...->...", alpha, s) for name, s in stacked.items()}
     handle.set_factors(factors)

@@ -217,6 +217,8 @@ def select(
     missing = [n for n in names if n not in scores]
     if missing:
         raise UsageError(f"no scores for: {', '.join(missing)}")
+    # ranked on the CPU (the same choice on every device); the mask goes back where it was
+    device, mask = mask.device, mask.to("cpu")
     if allocation == "global":
         kinds = layer_kinds(model) if model is not None else None
         skip = dense_names(names, dense, kinds)
@@ -245,13 +247,13 @@ def select(
             size = mask[n].numel()
             out[n] = chosen[offset : offset + size].view_as(mask[n])
             offset += size
-        return Mask({n: out[n] for n in names})
+        return Mask({n: out[n] for n in names}).to(device)
     dens = layer_densities(mask, density, allocation, dense, explicit, model)
     out = {}
     for n in names:
         k = int(round(dens[n] * mask[n].numel()))
         out[n] = _top(scores[n].detach().flatten().cpu(), mask[n].flatten(), k).view_as(mask[n])
-    return Mask(out)
+    return Mask(out).to(device)
 
 
 # per-level fractions (IMP) -----------------------------------------------------------------------
@@ -333,13 +335,15 @@ def prune(
     if scores is None:
         ctx = context if context is not None else Context(generator=generator)
         scores = CRITERIA[criterion](model, mask, ctx)
+    # ranked on the CPU (the same choice on every device); the mask goes back where it was
+    device, mask = mask.device, mask.to("cpu")
     new = {}
     if scope == "layerwise":
         for n in mask.names():
             keep = mask[n].flatten()
             n_prune = int(round(fractions[n] * int(keep.sum())))
             new[n] = _select(scores[n].flatten().cpu(), keep, n_prune).view_as(mask[n])
-        return Mask(new)
+        return Mask(new).to(device)
     # global: layers that share a fraction are ranked together
     groups: dict[float, list[str]] = {}
     for n in mask.names():
@@ -354,7 +358,7 @@ def prune(
             size = mask[n].numel()
             new[n] = chosen[offset : offset + size].view_as(mask[n])
             offset += size
-    return Mask({n: new[n] for n in mask.names()})
+    return Mask({n: new[n] for n in mask.names()}).to(device)
 
 
 # random masks at a distribution (sparse training from scratch)
@@ -403,4 +407,4 @@ def fixed_fan_in_mask(
         flat = torch.zeros(rows, fan_in, dtype=torch.bool)
         flat.scatter_(1, order[:, :keep], True)
         out[name] = flat.view_as(m)
-    return Mask(out)
+    return Mask(out).to(dense.device)

@@ -238,7 +238,7 @@ def synflow_scores(model: nn.Module, mask: Mask, context=None) -> Scores:
                 t.abs_()
     weights = _weights(net, mask)
     original = {k: w.detach().clone() for k, w in weights.items()}
-    current = {k: m.clone() for k, m in mask.items()}
+    current = {k: m.cpu().clone() for k, m in mask.items()}  # ranked beside the CPU scores
     total = mask.num_total()
     start = mask.density()
     target = ctx.density
@@ -854,8 +854,9 @@ def compensate_bias(model: nn.Module, old_mask: Mask, new_mask: Mask, means: dic
         if m.bias is None or n not in means:
             continue
         w = m.weight.detach()
-        old = old_mask[n] if n in old_mask else torch.ones(w.shape, dtype=torch.bool)
-        removed = (old & ~new_mask[n]).to(device=w.device)
+        new = new_mask[n].to(w.device)
+        old = old_mask[n].to(w.device) if n in old_mask else torch.ones_like(new)
+        removed = old & ~new
         lost = (w.double() * removed * _per_input(w, means[n].to(w.device))).flatten(1).sum(1)
         m.bias.add_(lost.to(m.bias.dtype))
     return model
