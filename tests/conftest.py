@@ -22,6 +22,14 @@ def run_cli(capsys, *args):
     return rc, out, err
 
 
+def one_error_line(err: str) -> str:
+    """The single ``ticketlab: error:`` line a refused command prints."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("ticketlab: error: "), lines[0]
+    return lines[0]
+
+
 @pytest.fixture
 def tiny_images(monkeypatch):
     """Tiny 1x12x12 two-class image data that every run loads instead of its dataset."""

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_error_line
+from conftest import run_cli as cli
 from ticketlab.cli import main
 from ticketlab.runs import RESULT_COLUMNS, load_state
 
@@ -39,19 +41,6 @@ RUN_DIR = re.compile(r"(lottery|train)-[0-9a-f]{12}")
 # LeNet-300-100 on 28x28 inputs: (shape of the weight, per-level fraction of the quick preset)
 LENET_LAYERS = [((300, 784), 0.2), ((100, 300), 0.2), ((10, 100), 0.1)]
 LENET_BIASES = 300 + 100 + 10
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("ticketlab: error: "), lines[0]
-    return lines[0]
 
 
 def run_dirs(runs: Path) -> list[Path]:

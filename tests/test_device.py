@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ticketlab.cli import main
+from conftest import one_error_line
+from conftest import run_cli as cli
 from ticketlab.errors import UsageError
 from ticketlab.masks import Mask
 from ticketlab.models import build
@@ -28,19 +29,6 @@ TINY = ["--dataset", "fashion_mnist", "--model", "lenet_300_100", "--steps", "20
 TINY += ["--eval-every", "10it", "--levels", "1", "--quiet"]
 XOR = ["--dataset", "xor", "--model", "mlp_16", "--batch-size", "50", "--steps", "20it"]
 XOR += ["--eval-every", "10it", "--levels", "1", "--quiet"]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("ticketlab: error: "), lines[0]
-    return lines[0]
 
 
 def only_run(runs: Path) -> Path:
